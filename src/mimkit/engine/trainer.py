@@ -1,0 +1,323 @@
+"""The one training loop for every method.
+
+Per step: fetch `accum_steps` micro-batches, then for each stage the method declares: forward and
+backward over the micro-batches, average gradients across ranks, clip, and step that stage's
+optimisers. Non-finite steps are skipped inside the fused AdamW kernel (no host sync) and counted.
+"""
+from __future__ import annotations
+
+import math
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import yaml
+from timm.optim import param_groups_weight_decay
+from timm.scheduler import CosineLRScheduler
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+import mimkit
+from mimkit.config import Config
+from mimkit.data import Augmented, EvalTransform, PretrainTransform, ResumableSampler, build_dataset
+from mimkit.engine import dist as D
+from mimkit.engine.checkpoint import CheckpointError, is_run_checkpoint, load_checkpoint, save_atomic, state_dict_of
+from mimkit.engine.logging import MetricsLog, save_rows_grid
+from mimkit.methods import build_method
+from mimkit.methods.base import load_matching
+
+
+class TrainingDiverged(RuntimeError):
+    pass
+
+
+def make_optimizer(module: torch.nn.Module, cfg: Config, lr: float, device: torch.device) -> torch.optim.AdamW:
+    """AdamW over `module`, no weight decay on biases and norms (MAE's rule), fused where available."""
+    groups = param_groups_weight_decay(module, cfg.optim.weight_decay)
+    kwargs = dict(lr=lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
+    try:
+        return torch.optim.AdamW(groups, fused=True, **kwargs)
+    except (RuntimeError, TypeError):  # old torch or an unsupported device: the host checks the guard instead
+        return torch.optim.AdamW(groups, **kwargs)
+
+
+def load_init(method, path: str | Path) -> str:
+    """Initialises `method` from a mimkit run, an export, or an official MAE/SimMIM release checkpoint."""
+    obj = load_checkpoint(path)
+    state = method.convert_checkpoint(state_dict_of(obj))
+    missing, unexpected = load_matching(method, state, str(path))
+    loaded = len(state) - len(unexpected)
+    if loaded == 0:
+        raise CheckpointError(f"no parameter of {path} matches this {type(method).__name__} model; "
+                              f"is it a checkpoint of a different architecture or method?")
+    kind = "mimkit run" if is_run_checkpoint(obj) else "release checkpoint"
+    return (f"initialised from {kind} {path}: {loaded} tensors loaded, {len(missing)} left at their init, "
+            f"{len(unexpected)} unused")
+
+
+class Trainer:
+    def __init__(self, cfg: Config, out_dir: str | Path, resume: bool = False, init: str | None = None,
+                 device: str | None = None, quiet: bool = False):
+        self.cfg, self.out = cfg, Path(out_dir)
+        self.dist = D.init_distributed(device)
+        self.device = self.dist.device
+        self.quiet = quiet or not self.dist.is_main
+        t = cfg.train
+
+        self.dataset = build_dataset(cfg.data.spec, "train")
+        self.in_chans = self.dataset.channels
+        mean = cfg.data.mean or self.dataset.mean
+        std = cfg.data.std or self.dataset.std
+        if len(mean) != self.in_chans or len(std) != self.in_chans:
+            raise ValueError(f"data.mean/data.std have {len(mean)}/{len(std)} values but the images have "
+                             f"{self.in_chans} channels; give one value per channel")
+        self.mean = torch.tensor(mean, device=self.device).view(1, -1, 1, 1)
+        self.std = torch.tensor(std, device=self.device).view(1, -1, 1, 1)
+
+        torch.manual_seed(t.seed)  # same initial weights on every rank
+        self.method = build_method(cfg, self.in_chans).to(self.device)
+        if init:
+            message = load_init(self.method, init)
+            self._print(message)
+        D.broadcast_module(self.method)
+
+        self.global_batch = cfg.data.batch_size * t.accum_steps * self.dist.world_size
+        micro_per_epoch = len(self.dataset) // self.dist.world_size // cfg.data.batch_size
+        self.steps_per_epoch = micro_per_epoch // t.accum_steps
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"the dataset has {len(self.dataset)} images, fewer than one global batch of "
+                             f"{self.global_batch}; lower data.batch_size or add images")
+        recipe_steps = math.ceil(t.epochs * self.steps_per_epoch)
+        self.total_steps = t.steps or recipe_steps
+        # train.steps compresses the recipe's schedule: warm-up keeps its share of the run
+        warmup = t.warmup_steps if t.warmup_steps is not None else \
+            round(cfg.optim.warmup_epochs * self.steps_per_epoch * self.total_steps / max(recipe_steps, 1))
+        self.warmup_steps = min(warmup, max(self.total_steps - 1, 0))
+        self.lr = cfg.optim.base_lr * self.global_batch / 256
+
+        self.groups = self.method.optim_groups()
+        self.params = {g: [p for p in m.parameters() if p.requires_grad] for g, m in self.groups.items()}
+        self.optimizers = {g: make_optimizer(m, cfg, self.lr, self.device) for g, m in self.groups.items()}
+        self.schedulers = {g: CosineLRScheduler(opt, t_initial=max(self.total_steps - self.warmup_steps, 1),
+                                                lr_min=cfg.optim.min_lr, warmup_t=self.warmup_steps, warmup_lr_init=0.0,
+                                                warmup_prefix=True, t_in_epochs=False, k_decay=1.0)
+                           for g, opt in self.optimizers.items()}
+        self.fused = all(opt.defaults.get("fused") for opt in self.optimizers.values())
+
+        cuda = self.device.type == "cuda"
+        bf16 = t.precision == "bf16" or (t.precision == "auto" and cuda)
+        if t.precision not in ("auto", "bf16", "fp32"):
+            raise ValueError(f"train.precision must be auto, bf16 or fp32, not {t.precision!r}")
+        self.autocast = (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16)) if bf16 else nullcontext
+        self.forward = torch.compile(self.method) if t.compile else self.method
+
+        # guard and counters live on the device: read only when logging
+        self.nonfinite_total = torch.zeros((), device=self.device)
+        self.streak = torch.zeros((), device=self.device)
+        self.max_streak = torch.zeros((), device=self.device)
+        self.skipped_images = 0
+        self.start_step = 0
+        self._restored_rng = None
+        last = self.out / "last.pt"
+        if resume and last.exists():
+            self._restore(last)
+        elif not resume and last.exists():
+            raise FileExistsError(f"{self.out} already holds a run (last.pt); pass --resume to continue it, "
+                                  f"or choose another --out")
+        torch.manual_seed(t.seed + 1 + self.dist.rank)  # masks and drop-path differ across ranks
+        if self._restored_rng is not None:
+            torch.set_rng_state(self._restored_rng["cpu"])
+            if cuda and "cuda" in self._restored_rng:
+                torch.cuda.set_rng_state(self._restored_rng["cuda"], self.device)
+        self.sample_images = self._fixed_sample_batch()
+
+    # ------------------------------------------------------------------ data
+    def _micro_batches(self, start_micro: int):
+        cfg = self.cfg
+        per_epoch = len(self.dataset) // self.dist.world_size // cfg.data.batch_size
+        epoch, offset = divmod(start_micro, per_epoch)
+        transform = PretrainTransform(cfg.model.img_size, cfg.data.crop_scale, cfg.data.crop_ratio, cfg.data.hflip)
+        while True:
+            sampler = ResumableSampler(len(self.dataset), cfg.train.seed, epoch, self.dist.rank,
+                                       self.dist.world_size, skip=offset * cfg.data.batch_size)
+            loader = DataLoader(Augmented(self.dataset, transform), batch_size=cfg.data.batch_size, sampler=sampler,
+                                num_workers=cfg.data.num_workers, drop_last=True,
+                                pin_memory=self.device.type == "cuda", persistent_workers=False,
+                                generator=torch.Generator())  # its seed draw must not touch the global RNG
+            yield from loader
+            epoch, offset = epoch + 1, 0
+
+    def _normalise(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.to(self.device, non_blocking=True)
+        x = x.float() / 255 if x.dtype == torch.uint8 else x.float()
+        return (x - self.mean) / self.std
+
+    def _fixed_sample_batch(self) -> torch.Tensor:
+        transform = EvalTransform(self.cfg.model.img_size)
+        count = min(8, len(self.dataset))
+        step = max(1, len(self.dataset) // count)
+        return self._normalise(torch.stack([transform(self.dataset[i * step][0]) for i in range(count)]))
+
+    # ------------------------------------------------------------------ loop
+    def train(self, stop_after: int | None = None) -> dict:
+        """Runs to `train.steps` (or stops after step `stop_after`, checkpointing there, as a crash would)."""
+        cfg, t = self.cfg, self.cfg.train
+        if self.dist.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        log = MetricsLog(self.out, self.start_step if self.start_step else None) if self.dist.is_main else None
+        batches = self._micro_batches(self.start_step * t.accum_steps)
+        running: dict[str, torch.Tensor] = {}
+        interactive = sys.stderr.isatty() and not self.quiet
+        bar = tqdm(total=self.total_steps, initial=self.start_step, disable=not interactive, dynamic_ncols=True)
+        last_row: dict = {}
+        tick, images_seen, steps_since_log = time.perf_counter(), 0, 0
+        self.method.train()
+        for step in range(self.start_step, self.total_steps):
+            micro = [next(batches) for _ in range(t.accum_steps)]
+            images = [self._normalise(m[0]) for m in micro]
+            self.skipped_images += sum(int(m[2].sum()) for m in micro)
+            for scheduler in self.schedulers.values():
+                scheduler.step_update(step)
+            self._step(images, running)
+            step_done = step + 1
+            images_seen += sum(x.shape[0] for x in images) * self.dist.world_size
+            steps_since_log += 1
+            bar.update(1)
+            if step_done % t.log_every == 0 or step_done == self.total_steps:
+                elapsed = time.perf_counter() - tick
+                last_row = self._log_row(step_done, running, steps_since_log, images_seen / max(elapsed, 1e-9))
+                running, steps_since_log, images_seen, tick = {}, 0, 0, time.perf_counter()
+                if log is not None:
+                    log.write(last_row)
+                    bar.set_postfix(loss=f"{last_row['loss']:.4f}", img_s=f"{last_row['img_per_s']:.0f}")
+                    if not interactive and not self.quiet:
+                        print(f"step {step_done}/{self.total_steps} loss {last_row['loss']:.4f} "
+                              f"lr {last_row['lr']:.2e} img/s {last_row['img_per_s']:.0f}", flush=True)
+                if last_row["max_nonfinite_streak"] >= t.nan_patience:
+                    self._save(step_done)
+                    raise TrainingDiverged(
+                        f"{int(last_row['max_nonfinite_streak'])} steps in a row had a non-finite loss or gradient "
+                        f"(skipped); lower optim.base_lr, set optim.clip_grad, or use train.precision=fp32")
+            if t.sample_every and step_done % t.sample_every == 0 and self.dist.is_main:
+                grid = self.save_samples(self.out / "samples" / f"step-{step_done:07d}.png")
+                if log is not None:
+                    log.image("reconstruction", grid, step_done)
+            if step_done % t.ckpt_every == 0 or step_done == self.total_steps:
+                self._save(step_done)
+            if t.keep_every and step_done % t.keep_every == 0:
+                self._save(step_done, self.out / f"checkpoint-{step_done:07d}.pt")
+            if stop_after is not None and step_done >= stop_after:
+                self._save(step_done)
+                break
+        bar.close()
+        finished = stop_after is None or stop_after >= self.total_steps
+        if finished and self.start_step < self.total_steps and self.dist.is_main and t.sample_every:
+            self.save_samples(self.out / "samples" / "final.png")
+        if log is not None:
+            log.close()
+        return last_row
+
+    def _step(self, images: list[torch.Tensor], running: dict) -> None:
+        accum = len(images)
+        carries = [{} for _ in images]
+        bad = torch.zeros((), device=self.device)
+        total = torch.zeros((), device=self.device)
+        for stage in self.method.stages:
+            for module in self.groups.values():
+                module.zero_grad(set_to_none=True)
+            for x, carry in zip(images, carries):
+                with self.autocast():
+                    out = self.forward(x, stage=stage.name, carry=carry)
+                (out["loss"] / accum).backward()
+                total += out["loss"].detach().float() / accum
+                for name, value in out["parts"].items():
+                    running[name] = running.get(name, 0) + value.detach().float() / accum
+            for group in stage.groups:
+                params = self.params[group]
+                D.average_gradients(params, self.dist.world_size)
+                norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.optim.clip_grad or float("inf"))
+                found_inf = (~torch.isfinite(norm)).float()
+                running[f"grad_norm_{group}"] = running.get(f"grad_norm_{group}", 0) + torch.nan_to_num(norm, 0.0)
+                optimizer = self.optimizers[group]
+                if self.fused:
+                    optimizer.found_inf = found_inf
+                    optimizer.step()
+                elif not found_inf.item():
+                    optimizer.step()
+                bad = torch.maximum(bad, found_inf)
+        running["loss"] = running.get("loss", 0) + total
+        self.nonfinite_total += bad
+        self.streak = (self.streak + bad) * bad
+        self.max_streak = torch.maximum(self.max_streak, self.streak)
+
+    def _log_row(self, step: int, running: dict, steps: int, img_per_s: float) -> dict:
+        names = list(running)
+        values = torch.stack([torch.as_tensor(running[n], device=self.device).float() for n in names]
+                             + [self.nonfinite_total, self.max_streak]).tolist()   # the one sync per log
+        row = {"step": step, "epoch": round(step / self.steps_per_epoch, 4)}
+        row["loss"] = values[names.index("loss")] / steps
+        row.update({n: v / steps for n, v in zip(names, values) if n != "loss"})
+        row["lr"] = next(iter(self.optimizers.values())).param_groups[0]["lr"]
+        row["img_per_s"] = img_per_s
+        row["nonfinite_steps"] = int(values[-2])
+        row["max_nonfinite_streak"] = int(values[-1])
+        self.max_streak.zero_()  # streaks are reported per logging interval
+        self.max_streak += self.streak
+        row["skipped_images"] = self.skipped_images
+        return row
+
+    @torch.no_grad()
+    def save_samples(self, path: Path) -> torch.Tensor:
+        was_training = self.method.training
+        self.method.eval()
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):  # sampling must not shift the training RNG
+            torch.manual_seed(0)
+            with self.autocast():
+                rows = self.method.reconstruction_rows(self.sample_images)
+        self.method.train(was_training)
+        return save_rows_grid(rows, self.mean, self.std, path)
+
+    # ------------------------------------------------------------------ checkpoints
+    def _rng_state(self) -> dict:
+        state = {"cpu": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            state["cuda"] = torch.cuda.get_rng_state(self.device)
+        return state
+
+    def _save(self, step: int, path: Path | None = None) -> None:
+        rng = D.gather_objects(self._rng_state())  # every rank's RNG, so a resumed world reproduces the run
+        if not self.dist.is_main:
+            return
+        payload = {
+            "format": "mimkit-run", "version": mimkit.__version__, "step": step, "config": self.cfg.to_dict(),
+            "in_chans": self.in_chans, "data_stats": {"mean": self.mean.flatten().tolist(),
+                                                      "std": self.std.flatten().tolist()},
+            "model": self.method.state_dict(),
+            "optimizers": {g: opt.state_dict() for g, opt in self.optimizers.items()},
+            "rng": rng, "world_size": self.dist.world_size,
+            "counters": {"nonfinite_total": float(self.nonfinite_total), "skipped_images": self.skipped_images},
+        }
+        save_atomic(payload, path or self.out / "last.pt")
+
+    def _restore(self, path: Path) -> None:
+        ckpt = load_checkpoint(path)
+        if not is_run_checkpoint(ckpt):
+            raise CheckpointError(f"{path} is not a mimkit run checkpoint; use --init to start from foreign weights")
+        self.method.load_state_dict(ckpt["model"])
+        for g, opt in self.optimizers.items():
+            opt.load_state_dict(ckpt["optimizers"][g])
+        self.start_step = int(ckpt["step"])
+        rng = ckpt["rng"]
+        mine = rng[self.dist.rank] if len(rng) == self.dist.world_size else rng[0]
+        self._restored_rng = mine
+        self.nonfinite_total.fill_(ckpt["counters"]["nonfinite_total"])
+        self.skipped_images = int(ckpt["counters"]["skipped_images"])
+        self._print(f"resuming {self.out} from step {self.start_step}")
+
+    def _print(self, message: str) -> None:
+        if not self.quiet:
+            print(message, flush=True)

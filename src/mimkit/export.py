@@ -1,0 +1,63 @@
+"""Weights out: the pre-trained encoder as a plain timm model (safetensors + JSON), and back in."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import timm
+import torch
+from safetensors.torch import load_file, save_file
+
+from mimkit.config import config_from_dict
+from mimkit.engine.checkpoint import CheckpointError, is_run_checkpoint, load_checkpoint
+from mimkit.methods import build_method
+
+
+def method_from_checkpoint(obj: dict):
+    """(method with the run's weights, config) from a loaded run checkpoint."""
+    if not is_run_checkpoint(obj):
+        raise CheckpointError("this is not a mimkit run checkpoint (RUN/last.pt); for an official release "
+                              "checkpoint use --init with --config")
+    cfg = config_from_dict(obj["config"])
+    method = build_method(cfg, obj["in_chans"])
+    method.load_state_dict(obj["model"])
+    return method, cfg
+
+
+def export_encoder(ckpt_path: str | Path, out: str | Path) -> tuple[Path, Path]:
+    """Writes OUT.safetensors (the encoder's timm state dict) and OUT.json (`model_name`, `kwargs` for
+    `timm.create_model`, plus pooling and normalisation to use it as it was pre-trained)."""
+    obj = load_checkpoint(ckpt_path)
+    method, cfg = method_from_checkpoint(obj)
+    encoder = method.encoder
+    out = Path(out)
+    out = out.with_suffix("") if out.suffix in (".safetensors", ".json") else out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().contiguous() for k, v in encoder.model.state_dict().items()}
+    save_file(tensors, str(out) + ".safetensors")
+    meta = {"model_name": encoder.timm_name, "kwargs": encoder.timm_kwargs, "pool": cfg.model.pool,
+            "mean": obj["data_stats"]["mean"], "std": obj["data_stats"]["std"],
+            "method": cfg.method.get("name"), "step": obj["step"], "timm_version": timm.__version__}
+    Path(str(out) + ".json").write_text(json.dumps(meta, indent=2))
+    return Path(str(out) + ".safetensors"), Path(str(out) + ".json")
+
+
+def load_encoder(path: str | Path) -> torch.nn.Module:
+    """The encoder as a timm model from a run checkpoint (.pt) or an export (.safetensors/.json)."""
+    path = Path(path)
+    if path.suffix in (".safetensors", ".json") or Path(str(path) + ".json").exists():
+        base = path.with_suffix("") if path.suffix in (".safetensors", ".json") else path
+        meta_path, weights_path = Path(str(base) + ".json"), Path(str(base) + ".safetensors")
+        if not meta_path.exists() or not weights_path.exists():
+            raise CheckpointError(f"an export is a pair {base}.safetensors + {base}.json; one of them is missing")
+        meta = json.loads(meta_path.read_text())
+        model = timm.create_model(meta["model_name"], pretrained=False, **meta["kwargs"])
+        model.load_state_dict(load_file(str(weights_path)), strict=True)
+        return model.eval()
+    method, _ = method_from_checkpoint(load_checkpoint(path))
+    return method.encoder.model.eval()
+
+
+def export_metadata(path: str | Path) -> dict:
+    base = Path(path).with_suffix("") if Path(path).suffix in (".safetensors", ".json") else Path(path)
+    return json.loads(Path(str(base) + ".json").read_text())

@@ -1,0 +1,53 @@
+"""Shared fixtures: tiny models, a small IDX copy of Fashion-MNIST, and IDX writing."""
+from __future__ import annotations
+
+import gzip
+import os
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+torch.set_num_threads(1)  # pytest-xdist runs one worker per core
+REPO = Path(__file__).resolve().parents[1]
+FMNIST = Path(os.environ.get("MIMKIT_DATA_DIR", "/usr/share/datasets/fashion-mnist"))
+
+MAE_PICO = ["model.size=pico", "model.img_size=[28,28]", "model.patch_size=4", "method.name=mae",
+            "method.decoder_dim=32", "method.decoder_depth=1", "method.decoder_heads=2"]
+SIMMIM_PICO = ["model.size=pico", "model.img_size=[28,28]", "model.patch_size=4", "method.name=simmim",
+               "method.mask_patch_size=4"]
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    """Writes a gzipped unsigned-byte IDX file."""
+    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(">" + "I" * array.ndim, *array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+@pytest.fixture(scope="session")
+def fmnist_small(tmp_path_factory) -> Path:
+    """2,048 train / 1,000 test Fashion-MNIST images as an IDX folder (fast epochs, real images)."""
+    from mimkit.data.datasets import read_idx
+    if not (FMNIST / "train-images-idx3-ubyte.gz").exists():
+        pytest.fail("Fashion-MNIST is missing: run 'bash scripts/setup.sh' (installs dataset-fashion-mnist)")
+    out = tmp_path_factory.mktemp("fmnist_small")
+    rng = np.random.default_rng(0)
+    for split, prefix, count in (("train", "train", 2048), ("test", "t10k", 1000)):
+        images = read_idx(FMNIST / f"{prefix}-images-idx3-ubyte.gz")
+        labels = read_idx(FMNIST / f"{prefix}-labels-idx1-ubyte.gz")
+        pick = np.sort(rng.choice(len(images), count, replace=False))
+        write_idx(out / f"{prefix}-images-idx3-ubyte.gz", images[pick])
+        write_idx(out / f"{prefix}-labels-idx1-ubyte.gz", labels[pick])
+    return out
+
+
+def tiny_config(data_dir: Path, method: str = "mae", extra: list[str] | None = None):
+    from mimkit.config import load_config
+    base = MAE_PICO if method == "mae" else SIMMIM_PICO
+    return load_config(None, base + [f"data.spec=idx:{data_dir}", "data.batch_size=32", "data.num_workers=0",
+                                     "data.crop_scale=[0.5,1.0]", "optim.base_lr=2e-3", "optim.warmup_epochs=0",
+                                     "train.log_every=1", "train.ckpt_every=1000", "train.sample_every=0"]
+                       + (extra or []))
