@@ -136,7 +136,7 @@ DECODER_KEYS = ("mask_token", "decoder_embed.", "decoder_pos_embed", "decoder_bl
 
 def convert_mae_official(state_dict: dict, own_shapes: dict, prefix: str) -> dict:
     """Official MAE keys -> `{prefix}encoder.model.*` (encoder) and `{prefix}*` (decoder); mimkit keys pass."""
-    if any(k in own_shapes for k in state_dict):
+    if any(k.startswith(prefix) for k in state_dict):  # already mimkit's layout
         return state_dict
     out = {}
     for key, value in state_dict.items():

@@ -77,7 +77,7 @@ class SimMIM(Method):
     def convert_checkpoint(self, state_dict: dict) -> dict:
         """Official SimMIM release: `encoder.*` (BEiT-style ViT or original Swin) and `decoder.0.*`."""
         own = self.state_dict()
-        if any(k in own for k in state_dict):
+        if any(k.startswith("backbone.") for k in state_dict):  # already mimkit's layout
             return state_dict
         out = {}
         for key, value in state_dict.items():

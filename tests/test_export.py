@@ -1,0 +1,106 @@
+import json
+
+import pytest
+import timm
+import torch
+from safetensors.torch import load_file
+
+import mimkit
+from mimkit.config import load_config
+from mimkit.engine.trainer import Trainer, load_init
+from mimkit.export import export_encoder
+from mimkit.methods import CheckpointMismatch, build_method
+from tests.conftest import MAE_PICO, SIMMIM_PICO, tiny_config
+
+
+@pytest.fixture(scope="module")
+def mae_run(fmnist_small, tmp_path_factory):
+    run = tmp_path_factory.mktemp("run") / "mae"
+    Trainer(tiny_config(fmnist_small, "mae", ["train.steps=3"]), run).train()
+    return run
+
+
+def test_export_loads_strictly_in_timm_and_matches_run_features(mae_run, tmp_path):
+    weights, meta_path = export_encoder(mae_run / "last.pt", tmp_path / "enc")
+    meta = json.loads(meta_path.read_text())
+    model = timm.create_model(meta["model_name"], pretrained=False, **meta["kwargs"])
+    model.load_state_dict(load_file(str(weights)), strict=True)
+    model.eval()
+    from_run = mimkit.load_encoder(mae_run / "last.pt")
+    from_export = mimkit.load_encoder(weights)
+    x = torch.randn(4, 1, 28, 28)
+    with torch.no_grad():
+        ref = from_run.forward_features(x)
+        assert torch.allclose(model.forward_features(x), ref, atol=1e-5)
+        assert torch.allclose(from_export.forward_features(x), ref, atol=1e-5)
+    assert meta["pool"] == "cls" and meta["method"] == "mae" and len(meta["mean"]) == 1
+
+
+def official_mae_state_dict(with_decoder: bool, in_chans: int = 1) -> dict:
+    """A state dict with the official MAE release's key names (encoder = timm ViT keys, decoder keys)."""
+    torch.manual_seed(7)
+    reference = build_method(load_config(None, MAE_PICO), in_chans)
+    sd = {}
+    for key, value in reference.state_dict().items():
+        name = key.replace("generator.encoder.model.", "").replace("generator.", "")
+        if with_decoder or not name.startswith(("decoder", "mask_token")):
+            sd[name] = torch.randn_like(value)
+    assert {"cls_token", "pos_embed", "patch_embed.proj.weight", "blocks.0.attn.qkv.weight", "norm.weight"} <= set(sd)
+    if with_decoder:
+        assert {"mask_token", "decoder_embed.weight", "decoder_pos_embed", "decoder_blocks.0.mlp.fc1.weight",
+                "decoder_norm.weight", "decoder_pred.weight"} <= set(sd)
+    return sd
+
+
+@pytest.mark.parametrize("with_decoder", [True, False])
+def test_official_mae_checkpoint_initialises_the_model(tmp_path, fmnist_small, with_decoder):
+    sd = official_mae_state_dict(with_decoder)
+    torch.save({"model": sd}, tmp_path / "mae_official.pth")
+    cfg = tiny_config(fmnist_small, "mae", ["train.steps=1"])
+    trainer = Trainer(cfg, tmp_path / "run", init=str(tmp_path / "mae_official.pth"))
+    gen = trainer.method.generator
+    assert torch.equal(gen.encoder.model.blocks[1].mlp.fc2.weight, sd["blocks.1.mlp.fc2.weight"])
+    if with_decoder:
+        assert torch.equal(gen.decoder_pred.weight, sd["decoder_pred.weight"])
+        assert torch.equal(gen.mask_token, sd["mask_token"])
+    # the encoder computes what a timm ViT holding the saved weights computes
+    kwargs = trainer.method.encoder.timm_kwargs
+    reference = timm.create_model("vit_tiny_patch16_224", pretrained=False, **kwargs).eval()
+    reference.load_state_dict({k: v for k, v in sd.items() if not k.startswith(("decoder", "mask_token"))})
+    x = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.allclose(gen.encoder.model.eval().forward_features(x), reference.forward_features(x), atol=1e-5)
+
+
+def test_checkpoint_with_other_channel_count_is_one_clear_error(tmp_path):
+    torch.save({"model": official_mae_state_dict(True, in_chans=3)}, tmp_path / "rgb.pth")
+    method = build_method(load_config(None, MAE_PICO), 1)
+    with pytest.raises(CheckpointMismatch, match="3-channel images but this model takes 1 channels"):
+        load_init(method, tmp_path / "rgb.pth")
+
+
+def test_official_simmim_vit_keys_are_converted(tmp_path):
+    torch.manual_seed(0)
+    target = build_method(load_config(None, SIMMIM_PICO), 1)
+    sd = {}
+    for key, value in target.state_dict().items():
+        if key.startswith("backbone.model."):
+            name = "encoder." + key[len("backbone.model."):]
+            if name.endswith("attn.qkv.bias"):
+                d = value.shape[0] // 3
+                sd[name.replace("qkv.bias", "q_bias")] = torch.randn(d)
+                sd[name.replace("qkv.bias", "v_bias")] = torch.randn(d)
+                continue
+            sd[name.replace(".ls1.gamma", ".gamma_1").replace(".ls2.gamma", ".gamma_2")] = torch.randn_like(value)
+        elif key == "backbone.mask_token":
+            sd["encoder.mask_token"] = torch.randn(1, 1, value.shape[-1])
+        else:
+            sd[key] = torch.randn_like(value)
+    torch.save({"model": sd}, tmp_path / "simmim.pth")
+    message = load_init(target, tmp_path / "simmim.pth")
+    assert "0 left at their init" in message and "0 unused" in message
+    block = target.backbone.model.blocks[0]
+    q, v = sd["encoder.blocks.0.attn.q_bias"], sd["encoder.blocks.0.attn.v_bias"]
+    assert torch.equal(block.attn.qkv.bias, torch.cat([q, torch.zeros_like(q), v]))
+    assert torch.equal(block.ls1.gamma, sd["encoder.blocks.0.gamma_1"])
+    assert torch.equal(target.decoder[0].weight, sd["decoder.0.weight"])
