@@ -190,19 +190,41 @@ def _list_files(folder: Path) -> list[Path]:
                   if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS | ARRAY_EXTENSIONS)
 
 
+class SyntheticDataset(Dataset):
+    """Random uint8 images, the same for the same index: for benchmarks and smoke tests (`synthetic:CxHxW`)."""
+
+    def __init__(self, channels: int, height: int, width: int, length: int = 100_000):
+        self.channels, self.size, self.length = channels, (height, width), length
+        self.mean, self.std = [0.5] * channels, [0.29] * channels
+        self.num_classes, self.skipped = 0, 0
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int):
+        gen = torch.Generator().manual_seed(index)
+        return torch.randint(0, 256, (self.channels, *self.size), dtype=torch.uint8, generator=gen), -1, 0
+
+
 def resolve_spec(spec: str) -> tuple[str, Path]:
-    """'fashion-mnist' | 'idx:DIR' | 'folder:DIR' -> (kind, path)."""
+    """'fashion-mnist' | 'idx:DIR' | 'folder:DIR' | 'synthetic:CxHxW' -> (kind, path-or-shape)."""
     if spec in ("fashion-mnist", "fmnist"):
         return "idx", Path(os.environ.get("MIMKIT_DATA_DIR", FASHION_MNIST_DIR))
     kind, sep, path = spec.partition(":")
-    if not sep or kind not in ("idx", "folder") or not path:
-        raise DataError(f"unknown data spec '{spec}'; use fashion-mnist, idx:DIR or folder:DIR")
+    if not sep or kind not in ("idx", "folder", "synthetic") or not path:
+        raise DataError(f"unknown data spec '{spec}'; use fashion-mnist, idx:DIR, folder:DIR or synthetic:CxHxW")
     return kind, Path(path).expanduser()
 
 
 def build_dataset(spec: str, split: str = "train"):
     """The dataset a spec names; for folders, DIR/train and DIR/val (or DIR/test) are the splits when present."""
     kind, path = resolve_spec(spec)
+    if kind == "synthetic":
+        try:
+            c, h, w = (int(v) for v in str(path).lower().split("x"))
+        except ValueError:
+            raise DataError(f"synthetic data needs a shape like synthetic:3x224x224, not '{spec}'") from None
+        return SyntheticDataset(c, h, w)
     if kind == "idx":
         return IDXDataset(path, split)
     if split == "train":

@@ -121,6 +121,9 @@ class Trainer:
         self.start_step = 0
         self._restored_rng = None
         last = self.out / "last.pt"
+        if self.dist.is_main and self.out.is_dir():  # a save cut short by a crash leaves only its temporary file
+            for stale in self.out.glob(".*.pt.tmp*"):
+                stale.unlink(missing_ok=True)
         if resume and last.exists():
             self._restore(last)
         elif not resume and last.exists():
