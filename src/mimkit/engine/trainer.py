@@ -14,7 +14,6 @@ from pathlib import Path
 
 import torch
 import yaml
-from timm.optim import param_groups_weight_decay
 from timm.scheduler import CosineLRScheduler
 from torch.utils.data import DataLoader
 from tqdm import tqdm
@@ -33,9 +32,11 @@ class TrainingDiverged(RuntimeError):
     pass
 
 
-def make_optimizer(module: torch.nn.Module, cfg: Config, lr: float, device: torch.device) -> torch.optim.AdamW:
-    """AdamW over `module`, no weight decay on biases and norms (MAE's rule), fused where available."""
-    groups = param_groups_weight_decay(module, cfg.optim.weight_decay)
+def make_optimizer(named_params, cfg: Config, lr: float) -> torch.optim.AdamW:
+    """AdamW, no weight decay on biases and 1-D parameters (norms), as MAE and timm; fused where available."""
+    decay = [p for n, p in named_params if p.ndim > 1 and not n.endswith(".bias")]
+    no_decay = [p for n, p in named_params if p.ndim <= 1 or n.endswith(".bias")]
+    groups = [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": cfg.optim.weight_decay}]
     kwargs = dict(lr=lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
     try:
         return torch.optim.AdamW(groups, fused=True, **kwargs)
@@ -97,9 +98,12 @@ class Trainer:
         self.warmup_steps = min(warmup, max(self.total_steps - 1, 0))
         self.lr = cfg.optim.base_lr * self.global_batch / 256
 
-        self.groups = self.method.optim_groups()
-        self.params = {g: [p for p in m.parameters() if p.requires_grad] for g, m in self.groups.items()}
-        self.optimizers = {g: make_optimizer(m, cfg, self.lr, self.device) for g, m in self.groups.items()}
+        groups = self.method.optim_groups()
+        self.params = {g: [p for _, p in named] for g, named in groups.items()}
+        seen = [id(p) for params in self.params.values() for p in params]
+        if len(seen) != len(set(seen)):
+            raise RuntimeError(f"{type(self.method).__name__}.optim_groups puts a parameter in two groups")
+        self.optimizers = {g: make_optimizer(named, cfg, self.lr) for g, named in groups.items()}
         self.schedulers = {g: CosineLRScheduler(opt, t_initial=max(self.total_steps - self.warmup_steps, 1),
                                                 lr_min=cfg.optim.min_lr, warmup_t=self.warmup_steps, warmup_lr_init=0.0,
                                                 warmup_prefix=True, t_in_epochs=False, k_decay=1.0)
@@ -229,8 +233,9 @@ class Trainer:
         bad = torch.zeros((), device=self.device)
         total = torch.zeros((), device=self.device)
         for stage in self.method.stages:
-            for module in self.groups.values():
-                module.zero_grad(set_to_none=True)
+            for params in self.params.values():
+                for p in params:
+                    p.grad = None
             for x, carry in zip(images, carries):
                 with self.autocast():
                     out = self.forward(x, stage=stage.name, carry=carry)

@@ -2,10 +2,11 @@
 from mimkit.methods.base import CheckpointMismatch, Method, Stage
 from mimkit.methods.mae import MAE
 from mimkit.methods.simmim import SimMIM
+from mimkit.methods.vision_electra import VisionElectra
 
-METHODS: dict[str, type[Method]] = {"mae": MAE, "simmim": SimMIM}
+METHODS: dict[str, type[Method]] = {"mae": MAE, "simmim": SimMIM, "vision_electra": VisionElectra}
 
-__all__ = ["METHODS", "Method", "Stage", "CheckpointMismatch", "MAE", "SimMIM", "build_method"]
+__all__ = ["METHODS", "Method", "Stage", "CheckpointMismatch", "MAE", "SimMIM", "VisionElectra", "build_method"]
 
 
 def build_method(cfg, in_chans: int) -> Method:

@@ -1,7 +1,8 @@
 """The method contract every paper implementation follows, and the weight-loading helper they share.
 
 A method is an nn.Module that
-- declares its optimiser groups (`optim_groups`: name -> module) and its update order (`stages`): each
+- declares its optimiser groups (`optim_groups`: name -> named parameters, each parameter in one group)
+  and its update order (`stages`): each
   stage runs a forward for the named stage, one backward, and steps the optimisers of its groups;
 - returns {"loss": scalar, "parts": {name: scalar}} from `forward(images, stage, carry)`; `carry` is a
   dict that lives through one training step, so a later stage can reuse what an earlier one made;
@@ -30,8 +31,9 @@ class Method(nn.Module):
     options: type = None                     # dataclass of the method's config keys (method.*)
     stages: tuple[Stage, ...] = (Stage("model", ("model",)),)
 
-    def optim_groups(self) -> dict[str, nn.Module]:
-        return {"model": self}
+    def optim_groups(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
+        """Optimiser group name -> the (name, parameter) pairs it updates; every trainable parameter in one group."""
+        return {"model": [(n, p) for n, p in self.named_parameters() if p.requires_grad]}
 
     @property
     def encoder(self) -> nn.Module:

@@ -102,9 +102,9 @@ class MAE(Method):
 
     options = MAEOptions
 
-    def __init__(self, cfg: Config, in_chans: int):
+    def __init__(self, cfg: Config, in_chans: int, opts: MAEOptions | None = None):
         super().__init__()
-        self.opts = method_options(cfg)
+        self.opts = opts or method_options(cfg)
         self.generator = MAEGenerator(build_backbone(cfg.model, in_chans, mask_token=False), self.opts)
 
     @property

@@ -17,7 +17,7 @@ from mimkit.backbones import SwinBackbone, ViTBackbone, build_backbone
 from mimkit.config import Config, method_options
 from mimkit.losses import masked_l1
 from mimkit.masking import simmim_mask
-from mimkit.methods.base import Method
+from mimkit.methods.base import CheckpointMismatch, Method
 from mimkit.patches import mask_to_pixels
 
 
@@ -33,9 +33,9 @@ class SimMIM(Method):
 
     options = SimMIMOptions
 
-    def __init__(self, cfg: Config, in_chans: int):
+    def __init__(self, cfg: Config, in_chans: int, opts: SimMIMOptions | None = None):
         super().__init__()
-        self.opts = method_options(cfg)
+        self.opts = opts or method_options(cfg)
         self.backbone = build_backbone(cfg.model, in_chans, mask_token=True, sincos_pos=False,
                                        init_values=self.opts.layer_scale)
         stride = self.backbone.encoder_stride if isinstance(self.backbone, SwinBackbone) else cfg.model.patch_size
@@ -53,8 +53,11 @@ class SimMIM(Method):
         return simmim_mask(images.shape[0], self.backbone.grid, self.opts.mask_ratio, self.opts.mask_patch_size,
                            self.backbone.patch_size, images.device)
 
-    def reconstruct(self, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def reconstruct(self, images: torch.Tensor, mask: torch.Tensor, latent_noise_std: float = 0.0) -> torch.Tensor:
+        """Predicted image [B, C, H, W] (every pixel; the loss reads the masked ones)."""
         z = self.backbone.forward_masked(images, mask)
+        if latent_noise_std > 0:  # Vision ELECTRA Sec. 3.2: z + z~, z~ ~ N(0, std^2)
+            z = z + torch.randn_like(z) * latent_noise_std
         if isinstance(self.backbone, ViTBackbone):                              # [B, 1+L, D] -> [B, D, gh, gw]
             gh, gw = self.backbone.grid
             z = z[:, self.backbone.num_prefix:].transpose(1, 2).reshape(z.shape[0], -1, gh, gw)
@@ -76,42 +79,37 @@ class SimMIM(Method):
 
     def convert_checkpoint(self, state_dict: dict) -> dict:
         """Official SimMIM release: `encoder.*` (BEiT-style ViT or original Swin) and `decoder.0.*`."""
-        own = self.state_dict()
         if any(k.startswith("backbone.") for k in state_dict):  # already mimkit's layout
             return state_dict
-        out = {}
-        for key, value in state_dict.items():
-            if key.startswith("decoder."):
-                out[key] = value
-            elif key.startswith("encoder."):
-                out.update(self._convert_encoder_key(key[len("encoder."):], value, state_dict))
+        out = {k: v for k, v in state_dict.items() if k.startswith("decoder.")}
+        encoder = {k[len("encoder."):]: v for k, v in state_dict.items() if k.startswith("encoder.")}
+        if "mask_token" in encoder:
+            out["backbone.mask_token"] = encoder.pop("mask_token").reshape(self.backbone.mask_token.shape)
         if isinstance(self.backbone, SwinBackbone):
             from timm.models.swin_transformer import checkpoint_filter_fn
-            enc = {k[len("backbone.model."):]: v for k, v in out.items() if k.startswith("backbone.model.")}
-            enc = checkpoint_filter_fn(enc, self.backbone.model)
-            out = {k: v for k, v in out.items() if not k.startswith("backbone.model.")}
-            out.update({f"backbone.model.{k}": v for k, v in enc.items()})
-        pos = "backbone.model.pos_embed"
-        if pos in out and out[pos].shape != own[pos].shape:
-            out[pos] = resample_abs_pos_embed(out[pos], list(self.backbone.grid), num_prefix_tokens=1)
+            encoder = checkpoint_filter_fn(encoder, self.backbone.model)
+        else:
+            encoder = simmim_vit_to_timm(encoder, self.backbone.grid)
+        out.update({f"backbone.model.{k}": v for k, v in encoder.items()})
         return out
 
-    def _convert_encoder_key(self, key: str, value: torch.Tensor, full: dict) -> dict:
-        if key == "mask_token":
-            return {"backbone.mask_token": value.reshape(self.backbone.mask_token.shape)}
-        if "relative_position" in key and isinstance(self.backbone, ViTBackbone):
-            raise_rel_pos()
-        if key.endswith("attn.q_bias"):  # BEiT-style q/v biases -> timm's single qkv bias (k bias is zero)
-            v = full["encoder." + key.replace("q_bias", "v_bias")]
-            return {f"backbone.model.{key.replace('q_bias', 'qkv.bias')}": torch.cat([value, torch.zeros_like(value), v])}
-        if key.endswith("attn.v_bias"):
-            return {}
-        key = key.replace(".gamma_1", ".ls1.gamma").replace(".gamma_2", ".ls2.gamma")
-        return {f"backbone.model.{key}": value}
 
-
-def raise_rel_pos():
-    from mimkit.methods.base import CheckpointMismatch
-    raise CheckpointMismatch("this SimMIM ViT checkpoint uses relative position biases, which mimkit's ViT "
-                             "(timm VisionTransformer, absolute positions) does not have; use a SimMIM Swin "
-                             "checkpoint, or an MAE checkpoint for a ViT")
+def simmim_vit_to_timm(encoder: dict, grid: tuple[int, int]) -> dict:
+    """SimMIM's BEiT-style ViT keys -> timm VisionTransformer keys: q/v biases become one qkv bias (the
+    k bias is zero), gamma_1/2 become layer-scale gammas, the position embedding is resized to `grid`."""
+    out = {}
+    for key, value in encoder.items():
+        if "relative_position" in key:
+            raise CheckpointMismatch("this SimMIM ViT checkpoint uses relative position biases, which mimkit's "
+                                     "ViT (timm VisionTransformer, absolute positions) does not have; use a "
+                                     "SimMIM Swin checkpoint, or an MAE checkpoint for a ViT")
+        if key.endswith("attn.v_bias") or key == "mask_token":
+            continue
+        if key.endswith("attn.q_bias"):
+            v_bias = encoder[key.replace("q_bias", "v_bias")]
+            out[key.replace("q_bias", "qkv.bias")] = torch.cat([value, torch.zeros_like(value), v_bias])
+            continue
+        out[key.replace(".gamma_1", ".ls1.gamma").replace(".gamma_2", ".ls2.gamma")] = value
+    if "pos_embed" in out and out["pos_embed"].shape[1] != 1 + grid[0] * grid[1]:
+        out["pos_embed"] = resample_abs_pos_embed(out["pos_embed"], list(grid), num_prefix_tokens=1)
+    return out

@@ -1,0 +1,4 @@
+"""Discriminators: backbone + heads, one output contract (per-patch logits [B, L], image logits [B])."""
+from mimkit.discriminators.hierarchical import CNNPatchHead, HierarchicalDiscriminator
+
+__all__ = ["CNNPatchHead", "HierarchicalDiscriminator"]

@@ -1,0 +1,187 @@
+"""Vision ELECTRA: Eq. 1-5 against hand-computed values, gradient paths, ablation switches, training."""
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mimkit.config import load_config
+from mimkit.engine.checkpoint import load_checkpoint
+from mimkit.engine.trainer import Trainer
+from mimkit.methods import build_method
+from mimkit.patches import patchify, unpatchify
+from tests.conftest import tiny_config
+
+VE_PICO = ["method.name=vision_electra", "model.size=pico", "model.img_size=[8,8]", "model.patch_size=4",
+           "method.decoder_dim=16", "method.decoder_depth=1", "method.decoder_heads=2"]
+VE_TINY = ["method.name=vision_electra", "method.decoder_dim=32", "method.decoder_depth=1", "method.decoder_heads=2"]
+
+
+class StubDiscriminator(nn.Module):
+    """Logits that are simple functions of the image, with one parameter so functional_call has work to do."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.tensor(1.0))
+
+    def forward(self, images):
+        return self.scale * patchify(images, 4).mean(-1), self.scale * images.mean((1, 2, 3))
+
+
+def log_sigmoid(x):
+    return torch.log(1 / (1 + torch.exp(-x)))
+
+
+def hand_losses(images, pred, mask):
+    """Eq. 1-4 written out from the paper with the stub's logits."""
+    real = patchify(images, 4)
+    b, n = mask.shape
+    m = mask.float()
+    loss_img = (((pred - real) ** 2).mean(-1) * m).sum() / m.sum()                                  # Eq. 1
+    fake = unpatchify(torch.where(mask[..., None], pred, real), 4, (2, 2), 1)
+    lp_real, lp_fake = real.mean(-1), patchify(fake, 4).mean(-1)
+    y_fake = 1 - m
+    loss_patch = -(log_sigmoid(lp_real).sum() + (y_fake * log_sigmoid(lp_fake) + (1 - y_fake) * log_sigmoid(-lp_fake)).sum()) / (2 * b * n)  # Eq. 3
+    lc_real, lc_fake = images.mean((1, 2, 3)), fake.mean((1, 2, 3))
+    loss_cls = -(log_sigmoid(lc_real).sum() + log_sigmoid(-lc_fake).sum()) / (2 * b)              # Eq. 4
+    loss_gan = (-(log_sigmoid(lp_fake) * m).sum(1) / m.sum(1) - log_sigmoid(lc_fake)).mean()      # Eq. 2
+    return loss_img, loss_gan, loss_patch, loss_cls
+
+
+def ve_with_stubs(monkeypatch, overrides=()):
+    torch.manual_seed(0)
+    ve = build_method(load_config(None, VE_PICO + list(overrides)), 1)
+    ve.discriminator = StubDiscriminator()
+    images = torch.randn(3, 1, 8, 8)
+    mask = torch.tensor([[True, False, True, False], [True, True, False, False], [False, True, True, True]])
+    pred = torch.randn(3, 4, 16)
+    monkeypatch.setattr(ve, "mask", lambda x: mask)
+    monkeypatch.setattr(ve, "generate", lambda x, m, noise: pred)
+    return ve, images, pred, mask
+
+
+def test_equations_1_to_5_match_hand_computation(monkeypatch):
+    ve, images, pred, mask = ve_with_stubs(monkeypatch)
+    out = ve(images)
+    img, gan, patch, cls = hand_losses(images, pred, mask)
+    parts = out["parts"]
+    for name, value in (("loss_img", img), ("loss_gan", gan), ("loss_patch", patch), ("loss_cls", cls)):
+        assert torch.allclose(parts[name], value, atol=1e-5), (name, parts[name], value)
+    assert torch.allclose(out["loss"], img + 0.2 * gan + patch + cls, atol=1e-5)                 # Eq. 5, lambda 0.2
+
+
+@pytest.mark.parametrize("switch,term", [("method.patch_loss=false", "loss_patch"), ("method.cls_loss=false", "loss_cls"),
+                                         ("method.gan_loss=false", "loss_gan")])
+def test_each_ablation_switch_removes_exactly_its_term(monkeypatch, switch, term):
+    ve, images, pred, mask = ve_with_stubs(monkeypatch)
+    full = ve(images)
+    ablated_ve, _, _, _ = ve_with_stubs(monkeypatch, [switch])
+    ablated = ablated_ve(images)
+    weight = 0.2 if term == "loss_gan" else 1.0
+    assert torch.allclose(ablated["loss"], full["loss"] - weight * full["parts"][term], atol=1e-5)
+
+
+def test_gan_weight_scales_the_adversarial_term(monkeypatch):
+    ve, images, _, _ = ve_with_stubs(monkeypatch, ["method.gan_weight=1.0"])
+    out = ve(images)
+    p = out["parts"]
+    assert torch.allclose(out["loss"], p["loss_img"] + p["loss_gan"] + p["loss_patch"] + p["loss_cls"], atol=1e-5)
+
+
+def test_gradient_paths():
+    torch.manual_seed(0)
+    ve = build_method(load_config(None, VE_PICO), 1)
+    out = ve(torch.randn(4, 1, 8, 8))
+    g_params = [p for _, p in ve.optim_groups()["generator"]]
+    d_params = [p for _, p in ve.optim_groups()["discriminator"]]
+
+    def reaches(loss, params):
+        grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+        return any(g is not None and g.abs().sum() > 0 for g in grads)
+
+    p = out["parts"]
+    assert not reaches(p["loss_patch"], g_params) and reaches(p["loss_patch"], d_params)
+    assert not reaches(p["loss_cls"], g_params) and reaches(p["loss_cls"], d_params)
+    assert not reaches(p["loss_gan"], d_params) and reaches(p["loss_gan"], g_params)
+    assert not reaches(p["loss_img"], d_params) and reaches(p["loss_img"], g_params)
+
+
+def test_noise_in_the_latent_and_noise_off():
+    torch.manual_seed(0)
+    ve = build_method(load_config(None, VE_PICO + ["method.noise_std=0.5"]), 1).eval()
+    x, mask = torch.randn(2, 1, 8, 8), torch.tensor([[True, True, True, False]] * 2)
+    a, b = ve.generate(x, mask, 0.5), ve.generate(x, mask, 0.5)
+    assert not torch.allclose(a, b)
+    assert torch.equal(ve.generate(x, mask, 0.0), ve.generate(x, mask, 0.0))
+    _, fake = ve.reconstruct(x, mask, 0.5)
+    assert torch.equal(patchify(fake, 4)[:, 3], patchify(x, 4)[:, 3])     # visible patches are the originals
+
+
+def test_discriminator_sees_every_patch_with_a_cls_token():
+    ve = build_method(load_config(None, VE_PICO), 1)
+    patch_logits, image_logits = ve.discriminator(torch.randn(5, 1, 8, 8))
+    assert patch_logits.shape == (5, 4) and image_logits.shape == (5,)
+    assert ve.encoder is ve.discriminator.backbone
+
+
+@pytest.mark.parametrize("overrides", [["method.share_weights=true"],
+                                       ["model.size=mini", "method.generator_size=pico"],
+                                       ["method.generator=simmim", "method.mask_ratio=0.5", "method.mask_patch_size=4"]])
+def test_model_options_build_and_step(overrides):
+    ve = build_method(load_config(None, VE_PICO + overrides), 1)
+    groups = ve.optim_groups()
+    ids = [id(p) for params in groups.values() for _, p in params]
+    assert len(ids) == len(set(ids))                                          # each parameter stepped once
+    if "method.share_weights=true" in overrides:
+        assert ve.generator.encoder is ve.discriminator.backbone
+    if "method.generator_size=pico" in overrides:
+        assert ve.generator.encoder.embed_dim == 64 and ve.encoder.embed_dim == 128
+    ve(torch.randn(2, 1, 8, 8))["loss"].backward()
+
+
+def test_tiny_ve_trains_resumes_and_discriminates(fmnist_small, tmp_path):
+    cfg = tiny_config(fmnist_small, "mae", VE_TINY + ["train.steps=80", "train.log_every=10", "train.sample_every=40"])
+    Trainer(cfg, tmp_path / "run").train(stop_after=40)
+    Trainer(cfg, tmp_path / "run", resume=True).train()
+    rows = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(10, 81, 10))
+    assert rows[-1]["loss_img"] < 0.8 * rows[0]["loss_img"]
+    balanced = (rows[-1]["acc_patch_real"] + rows[-1]["acc_patch_fake"]) / 2
+    assert balanced > 0.6, rows[-1]
+    for key in ("loss_gan", "loss_patch", "loss_cls", "acc_img_real", "acc_img_fake",
+                "grad_norm_generator", "grad_norm_discriminator"):
+        assert key in rows[-1]
+    assert (tmp_path / "run/samples/step-0000040.png").exists()
+
+
+def test_continual_pretraining_from_mae_and_simmim_checkpoints(fmnist_small, tmp_path):
+    mae_cfg = tiny_config(fmnist_small, "mae", ["train.steps=2"])
+    Trainer(mae_cfg, tmp_path / "mae").train()
+    sim_cfg = tiny_config(fmnist_small, "simmim", ["train.steps=2", "method.layer_scale=null"])
+    Trainer(sim_cfg, tmp_path / "simmim").train()
+    mae_state = load_checkpoint(tmp_path / "mae/last.pt")["model"]
+    sim_state = load_checkpoint(tmp_path / "simmim/last.pt")["model"]
+    # the SimMIM run re-written in the official release's layout (encoder.*, q/v biases)
+    official = {}
+    for k, v in sim_state.items():
+        if k.startswith("backbone.model."):
+            name = "encoder." + k[len("backbone.model."):]
+            if name.endswith("qkv.bias"):
+                q, _, vb = v.chunk(3)
+                official[name.replace("qkv.bias", "q_bias")], official[name.replace("qkv.bias", "v_bias")] = q, vb
+            else:
+                official[name] = v
+    torch.save({"model": official}, tmp_path / "simmim_official.pth")
+    cfg = tiny_config(fmnist_small, "mae", VE_TINY + [
+        "train.steps=4", f"method.generator_init={tmp_path / 'mae/last.pt'}",
+        f"method.discriminator_init={tmp_path / 'simmim_official.pth'}", "method.decoder_dim=32"])
+    trainer = Trainer(cfg, tmp_path / "ve")
+    ve = trainer.method
+    assert torch.equal(ve.generator.decoder_pred.weight, mae_state["generator.decoder_pred.weight"])
+    assert torch.equal(ve.encoder.model.blocks[2].mlp.fc1.weight, sim_state["backbone.model.blocks.2.mlp.fc1.weight"])
+    q, _, v = sim_state["backbone.model.blocks.0.attn.qkv.bias"].chunk(3)   # the release format has no k bias
+    assert torch.equal(ve.encoder.model.blocks[0].attn.qkv.bias, torch.cat([q, torch.zeros_like(q), v]))
+    trainer.train(stop_after=2)
+    Trainer(cfg, tmp_path / "ve", resume=True).train()
+    assert load_checkpoint(tmp_path / "ve/last.pt")["step"] == 4
