@@ -20,6 +20,14 @@ SIMMIM_PICO = ["model.size=pico", "model.img_size=[28,28]", "model.patch_size=4"
                "method.mask_patch_size=4"]
 
 
+@pytest.fixture(autouse=True)
+def cpu_by_default(monkeypatch, request):
+    """The suite is specified on the CPU (CI has no GPU; resume equality is a CPU guarantee); tests marked
+    `cuda` run on the GPU where there is one."""
+    if "cuda" not in request.keywords:
+        monkeypatch.setenv("MIMKIT_DEVICE", "cpu")
+
+
 def write_idx(path: Path, array: np.ndarray) -> None:
     """Writes a gzipped unsigned-byte IDX file."""
     header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(">" + "I" * array.ndim, *array.shape)

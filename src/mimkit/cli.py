@@ -55,11 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ckpt", required=True)
     p.add_argument("--out", required=True, help="FILE: writes FILE.safetensors and FILE.json")
 
-    p = sub.add_parser("demo", help="pre-train a tiny MAE on Fashion-MNIST, probe it, write RUN/report.md")
+    p = sub.add_parser("demo", help="pre-train tiny Vision ELECTRA and MAE on Fashion-MNIST, probe them, write RUN/report.md")
     p.add_argument("--out", default="runs/demo")
-    p.add_argument("--config", default=None, help="recipe (default: configs/mae_vit-mini_fmnist-tiny.yaml)")
+    p.add_argument("--config", default=None, help="recipe (default: Vision ELECTRA, compared with MAE)")
     p.add_argument("--steps", type=int, default=None, help="pre-training steps (default: the recipe's)")
-    p.add_argument("--train-limit", type=int, default=20000, help="train images used by the probes")
+    p.add_argument("--train-limit", type=int, default=10000, help="train images used by the probes")
     p.add_argument("--device", default=None)
     return parser
 
@@ -112,7 +112,7 @@ def run_probe(args, protocol: str) -> dict:
     std = subject.std or train_set.std
     size = subject.img_size or list(train_set[0][0].shape[-2:])
     pool = args.pool or subject.pool
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = args.device or os.environ.get("MIMKIT_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
     train_part, test_part = subset(train_set, args.train_limit, args.seed), subset(test_set, args.test_limit, args.seed)
     if labels_of(train_part).min() < 0:
         raise SystemExit(f"mimkit: error: {args.data} is unlabelled; probes need class sub-folders")

@@ -31,6 +31,7 @@ def init_distributed(device: str | None = None) -> DistInfo:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = device or os.environ.get("MIMKIT_DEVICE")  # e.g. MIMKIT_DEVICE=cpu on a GPU machine
     use_cuda = torch.cuda.is_available() and device != "cpu"
     dev = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
     if use_cuda:
