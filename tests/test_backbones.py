@@ -54,11 +54,13 @@ def test_mask_token_encoding_ignores_masked_pixels_and_returns_all_tokens():
 
 
 def test_intermediate_features():
-    model = vit()
+    model = vit(mask_token=True)
     x = torch.randn(1, 2, 28, 36)
-    out, feats = model.forward_masked(x, None, return_layers=[0, 3]) if model.mask_token is not None else \
-        model.forward_visible(x, torch.arange(63)[None], return_layers=[0, 3])
+    out, feats = model.forward_masked(x, None, return_layers=[0, 3])
     assert len(feats) == 2 and feats[0].shape == out.shape
+    assert torch.allclose(model.model.norm(feats[1]), out, atol=1e-5)   # last block's output, before the norm
+    _, visible_feats = model.forward_visible(x, torch.arange(63)[None], return_layers=[1])
+    assert visible_feats[0].shape == (1, 64, model.embed_dim)
 
 
 def test_swin_mask_token_after_patch_embedding():

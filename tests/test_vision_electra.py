@@ -185,3 +185,19 @@ def test_continual_pretraining_from_mae_and_simmim_checkpoints(fmnist_small, tmp
     trainer.train(stop_after=2)
     Trainer(cfg, tmp_path / "ve", resume=True).train()
     assert load_checkpoint(tmp_path / "ve/last.pt")["step"] == 4
+
+
+def test_swin_discriminator_with_simmim_generator():
+    overrides = ["method.name=vision_electra", "method.generator=simmim", "method.mask_ratio=0.5",
+                 "method.mask_patch_size=8", "model.arch=swin", "model.size=pico", "model.img_size=[32,32]",
+                 "model.patch_size=2", "model.window_size=4"]
+    ve = build_method(load_config(None, overrides), 1)
+    patch_logits, image_logits = ve.discriminator(torch.randn(2, 1, 32, 32))
+    assert patch_logits.shape == (2, 256) and image_logits.shape == (2,)
+    cells = patch_logits.reshape(2, 16, 16)
+    assert torch.equal(cells[:, 0::2, 0::2], cells[:, 1::2, 1::2])       # one verdict per last-stage cell (2x2 patches)
+    out = ve(torch.randn(2, 1, 32, 32))
+    out["loss"].backward()
+    assert torch.isfinite(out["loss"])
+    with pytest.raises(ValueError, match="generator=simmim"):
+        build_method(load_config(None, overrides + ["method.generator=mae"]), 1)

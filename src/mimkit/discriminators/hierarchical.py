@@ -1,45 +1,51 @@
-"""Vision ELECTRA's hierarchical discriminator (Sec. 3.1, 3.3): one ViT backbone over every token of the
-image (no masking) with a CLS token, a CNN patch head over the token grid (micro level, one logit per
-patch) and a linear image head on the CLS token (macro level)."""
+"""Vision ELECTRA's hierarchical discriminator (Sec. 3.1, 3.3): one backbone over every token of the image
+(no masking), a CNN patch head over the token grid (micro level, one logit per patch) and a linear image
+head (macro level) on the CLS token.
+
+Swin has no CLS token and ends at stride 32: with a Swin backbone the image head reads the mean of the last
+stage's features, and each patch takes the logit of the last-stage cell that covers it (with SimMIM's 32-px
+mask patches a cell is wholly generated or wholly original)."""
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from mimkit.backbones import ViTBackbone
+from mimkit.backbones import SwinBackbone, ViTBackbone
 
 
 class CNNPatchHead(nn.Module):
-    """Patch tokens [B, L, D] on their grid -> one logit per patch [B, L].
+    """Feature map [B, D, h, w] -> one logit per cell [B, 1, h, w].
 
     The paper only says "CNN-based"; mimkit's choice: 3x3 conv (D -> hidden) + GELU + 1x1 conv (hidden -> 1),
     so each patch's verdict also sees its 8 neighbours."""
 
-    def __init__(self, dim: int, grid: tuple[int, int], hidden: int | None = None):
+    def __init__(self, dim: int, hidden: int | None = None):
         super().__init__()
         hidden = hidden or dim
-        self.grid = grid
         self.net = nn.Sequential(nn.Conv2d(dim, hidden, 3, padding=1), nn.GELU(), nn.Conv2d(hidden, 1, 1))
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        b, _, d = tokens.shape
-        x = tokens.transpose(1, 2).reshape(b, d, *self.grid)                 # [B, D, gh, gw]
-        return self.net(x).flatten(1)                                         # [B, L]
+    def forward(self, feature_map: torch.Tensor) -> torch.Tensor:
+        return self.net(feature_map)
 
 
 class HierarchicalDiscriminator(nn.Module):
     """forward(images) -> (patch logits [B, L], image logits [B]); logit > 0 means "original"."""
 
-    def __init__(self, backbone: ViTBackbone, patch_head_hidden: int | None = None):
+    def __init__(self, backbone: ViTBackbone | SwinBackbone, patch_head_hidden: int | None = None):
         super().__init__()
-        if not isinstance(backbone, ViTBackbone):
-            raise ValueError("the hierarchical discriminator needs model.arch=vit (a CLS token and one token per patch)")
         self.backbone = backbone
-        self.patch_head = CNNPatchHead(backbone.embed_dim, backbone.grid, patch_head_hidden)
+        self.patch_head = CNNPatchHead(backbone.embed_dim, patch_head_hidden)
         self.image_head = nn.Linear(backbone.embed_dim, 1)
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        tokens = self.backbone.forward_features(images)                       # [B, 1+L, D]
-        patch_logits = self.patch_head(tokens[:, self.backbone.num_prefix:])  # micro level
-        image_logits = self.image_head(tokens[:, 0]).squeeze(-1)              # macro level (CLS)
-        return patch_logits, image_logits
+        feats = self.backbone.forward_features(images)
+        if isinstance(self.backbone, ViTBackbone):                                  # [B, 1+L, D]
+            gh, gw = self.backbone.grid
+            patches = feats[:, self.backbone.num_prefix:]
+            grid_map = patches.transpose(1, 2).reshape(feats.shape[0], -1, gh, gw)
+            patch_logits = self.patch_head(grid_map).flatten(1)                     # micro level [B, L]
+            return patch_logits, self.image_head(feats[:, 0]).squeeze(-1)          # macro level (CLS)
+        cells = self.patch_head(feats.permute(0, 3, 1, 2))                          # Swin: [B, 1, h, w]
+        sh, sw = self.backbone.grid[0] // cells.shape[-2], self.backbone.grid[1] // cells.shape[-1]
+        patch_logits = cells.repeat_interleave(sh, dim=2).repeat_interleave(sw, dim=3).flatten(1)
+        return patch_logits, self.image_head(feats.mean(dim=(1, 2))).squeeze(-1)

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from mimkit.backbones import ViTBackbone, build_backbone
+from mimkit.backbones import build_backbone
 from mimkit.config import Config, method_options
 from mimkit.discriminators import HierarchicalDiscriminator
 from mimkit.losses import masked_mse
@@ -69,6 +69,9 @@ class VisionElectra(Method):
             raise ValueError(f"method.generator must be 'mae' or 'simmim', not {o.generator!r}")
         if o.share_weights and o.generator_size not in (None, cfg.model.size):
             raise ValueError("method.share_weights needs G and D of one size; unset method.generator_size")
+        if cfg.model.arch == "swin" and o.generator == "mae":
+            raise ValueError("a Swin discriminator needs method.generator=simmim (MAE's encoder drops tokens, "
+                             "which Swin cannot)")
         d_backbone = build_backbone(cfg.model, in_chans, mask_token=o.share_weights and o.generator == "simmim")
         g_cfg = cfg if not o.generator_size else dataclasses.replace(
             cfg, model=dataclasses.replace(cfg.model, size=o.generator_size, embed_dim=None, depth=None, num_heads=None))
@@ -90,11 +93,11 @@ class VisionElectra(Method):
             self.init_discriminator(o.discriminator_init)
 
     @property
-    def encoder(self) -> ViTBackbone:
+    def encoder(self):
         return self.discriminator.backbone
 
     @property
-    def generator_encoder(self) -> ViTBackbone:
+    def generator_encoder(self):
         return self.generator.encoder
 
     def optim_groups(self):
