@@ -138,7 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     from mimkit.engine.trainer import TrainingDiverged
     from mimkit.methods.base import CheckpointMismatch
 
-    known = (ConfigError, DataError, CheckpointError, CheckpointMismatch, TrainingDiverged, FileExistsError)
+    # ValueError: a setting the model can't take (a mask size, a size name); MIMKIT_DEBUG=1 shows the traceback
+    known = (ConfigError, DataError, CheckpointError, CheckpointMismatch, TrainingDiverged, FileExistsError, ValueError)
     try:
         if args.command == "pretrain":
             cmd_pretrain(args)
