@@ -71,10 +71,11 @@ def test_nonfinite_steps_are_skipped_counted_and_stop_the_run(fmnist_small, tmp_
     assert rows(tmp_path / "run")[-1]["nonfinite_steps"] == 3
 
 
-def test_sigkill_then_resume_finishes_the_run(fmnist_small, tmp_path):
+@pytest.mark.parametrize("recipe", ["mae_vit-mini_fmnist-tiny.yaml", "vision-electra_vit-mini_fmnist-tiny.yaml"])
+def test_sigkill_then_resume_finishes_the_run(fmnist_small, tmp_path, recipe):
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "mimkit.cli", "pretrain", "--out", str(run), "--config",
-           str(REPO / "configs/mae_vit-mini_fmnist-tiny.yaml"), "--data", f"idx:{fmnist_small}", "--steps", "40",
+           str(REPO / "configs" / recipe), "--data", f"idx:{fmnist_small}", "--steps", "40",
            "--ckpt-every", "4", "model.size=pico", "method.decoder_dim=32", "method.decoder_depth=1",
            "data.batch_size=32", "data.num_workers=0", "train.log_every=1", "train.sample_every=0"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
