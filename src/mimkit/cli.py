@@ -1,4 +1,5 @@
-"""Command line: `mimkit pretrain | eval knn | eval linear | export | demo`."""
+"""Command line: `mimkit pretrain | eval {knn,linear,attentive,finetune,recon,robustness,report} | visualize attention
+| export | demo`."""
 from __future__ import annotations
 
 import argparse
@@ -49,7 +50,51 @@ def build_parser() -> argparse.ArgumentParser:
     lin = evsub.add_parser("linear", help="linear probe (BatchNorm without affine + linear) on frozen features")
     _add_probe_args(lin)
     lin.add_argument("--epochs", type=int, default=30)
-    lin.add_argument("--lr", type=float, default=0.1)
+    lin.add_argument("--lr", type=float, default=None, help="default 0.1 (sgd), 6.4 (lars, MAE/CAE)")
+    lin.add_argument("--optimizer", choices=["sgd", "lars"], default="sgd", help="lars: MAE/CAE's protocol")
+    lin.add_argument("--probe-batch", type=int, default=1024)
+    att = evsub.add_parser("attentive", help="attentive probe (CAE): cross-attention with its own class token")
+    _add_probe_args(att)
+    att.add_argument("--epochs", type=int, default=30)
+    att.add_argument("--lr", type=float, default=None, help="default CAE's 0.4 at batch 8192, scaled")
+    att.add_argument("--probe-batch", type=int, default=1024)
+    ft = evsub.add_parser("finetune", help="end-to-end fine-tuning with layer-wise lr decay, mixup, RandAugment")
+    _add_probe_args(ft)
+    ft.add_argument("--recipe", default=None, help="fine-tuning recipe, e.g. configs/finetune/vit-b16_cim.yaml")
+    ft.add_argument("--set", dest="ft_overrides", action="append", default=[], help="recipe override key=value")
+    rec = evsub.add_parser("recon", help="L1, PSNR, SSIM, MS-SSIM (and FID/IS) of a run's reconstructions")
+    rec.add_argument("--ckpt", required=True, help="RUN/last.pt (the whole method, not an export)")
+    rec.add_argument("--data", default="fashion-mnist")
+    rec.add_argument("--num-images", type=int, default=1000)
+    rec.add_argument("--mask-seed", type=int, default=0)
+    rec.add_argument("--inception-weights", help="local Inception-v3 weights file (torch-fidelity format) for FID/IS")
+    rec.add_argument("--fid-encoder", help="else: a timm encoder export (.safetensors) as the FID feature network")
+    rec.add_argument("--device", default=None)
+    rob = evsub.add_parser("robustness", help="linear-probe accuracy under common corruptions; CE vs a baseline")
+    rob.add_argument("--ckpt", required=True)
+    rob.add_argument("--baseline", help="run whose errors normalise the corruption errors (default: --ckpt itself)")
+    rob.add_argument("--data", default="fashion-mnist")
+    rob.add_argument("--severities", default="1,2,3,4,5")
+    rob.add_argument("--train-limit", type=int, default=None)
+    rob.add_argument("--test-limit", type=int, default=None)
+    rob.add_argument("--device", default=None)
+    rep = evsub.add_parser("report", help="several runs x several protocols -> OUT/report.md + PNGs")
+    rep.add_argument("runs", nargs="+", help="RUN dirs or checkpoints; 'random:RUN' = that architecture untrained")
+    rep.add_argument("--out", required=True)
+    rep.add_argument("--data", default="fashion-mnist")
+    rep.add_argument("--protocols", default="knn,linear,attentive,recon,robustness")
+    rep.add_argument("--train-limit", type=int, default=5000)
+    rep.add_argument("--test-limit", type=int, default=2000)
+    rep.add_argument("--severities", default="1,3,5")
+    rep.add_argument("--device", default=None)
+
+    p = sub.add_parser("visualize", help="pictures of a run")
+    vsub = p.add_subparsers(dest="what", required=True)
+    va = vsub.add_parser("attention", help="last-layer CLS attention per head, overlaid on images (PNG)")
+    va.add_argument("--ckpt", required=True, help="RUN/last.pt or an export")
+    va.add_argument("--out", required=True, help="PNG file")
+    va.add_argument("--data", default="fashion-mnist")
+    va.add_argument("--num-images", type=int, default=8)
 
     p = sub.add_parser("export", help="write the encoder as a timm state dict (safetensors) + JSON")
     p.add_argument("--ckpt", required=True)
@@ -117,17 +162,111 @@ def run_probe(args, protocol: str) -> dict:
     if labels_of(train_part).min() < 0:
         raise SystemExit(f"mimkit: error: {args.data} is unlabelled; probes need class sub-folders")
     start = time.time()
+    if protocol == "finetune":
+        return run_finetune(args, subject, train_part, test_part, size, mean, std, device)
+    if protocol == "attentive":
+        from mimkit.eval.attentive import attentive_probe_top1
+        pool = "tokens"
     tr_f, tr_y = extract_features(subject.model, train_part, size, mean, std, pool, args.batch_size, device)
     te_f, te_y = extract_features(subject.model, test_part, size, mean, std, pool, args.batch_size, device)
     if protocol == "knn":
         top1 = knn_top1(tr_f, tr_y, te_f, te_y, k=args.k, vote=args.vote)
         extra = {"k": args.k, "vote": args.vote}
+    elif protocol == "attentive":
+        heads = subject.model.blocks[0].attn.num_heads
+        top1 = attentive_probe_top1(tr_f, tr_y, te_f, te_y, num_heads=heads, epochs=args.epochs, lr=args.lr,
+                                    batch_size=args.probe_batch, seed=args.seed)
+        extra = {"epochs": args.epochs, "heads": heads}
     else:
-        top1 = linear_probe_top1(tr_f, tr_y, te_f, te_y, epochs=args.epochs, lr=args.lr, seed=args.seed)
-        extra = {"epochs": args.epochs, "lr": args.lr}
+        top1 = linear_probe_top1(tr_f, tr_y, te_f, te_y, epochs=args.epochs, lr=args.lr, optimizer=args.optimizer,
+                                 batch_size=args.probe_batch, seed=args.seed)
+        extra = {"epochs": args.epochs, "optimizer": args.optimizer}
     return {"protocol": protocol, "top1": round(top1, 2), "encoder": subject.description, "pool": pool,
-            "feature_dim": tr_f.shape[1], "n_train": len(tr_y), "n_test": len(te_y), **extra,
+            "feature_dim": tr_f.shape[-1], "n_train": len(tr_y), "n_test": len(te_y), **extra,
             "wall_s": round(time.time() - start, 1)}
+
+
+def run_finetune(args, subject, train_part, test_part, size, mean, std, device) -> dict:
+    from mimkit.config import build_dataclass, load_yaml, parse_overrides, merge
+    from mimkit.eval.finetune import FinetuneConfig, classifier_from_encoder, finetune
+    from mimkit.eval.features import labels_of
+    if subject.model is None or subject.timm_spec is None:
+        raise SystemExit("mimkit: error: fine-tuning needs an encoder (--ckpt, or --config with --init/--random-init)")
+    data = merge(load_yaml(args.recipe) if args.recipe else {}, parse_overrides(args.ft_overrides))
+    cfg = build_dataclass(FinetuneConfig, data)
+    num_classes = int(labels_of(train_part).max()) + 1
+    name, kwargs = subject.timm_spec
+    model = classifier_from_encoder(name, kwargs, subject.model.state_dict(), num_classes, cfg)
+    result = finetune(model, train_part, test_part, size, mean, std, cfg, device)
+    return {"protocol": "finetune", "top1": round(result["best_top1"], 2), "final_top1": round(result["final_top1"], 2),
+            "encoder": subject.description, "recipe": args.recipe, "epochs": cfg.epochs, "n_train": len(train_part),
+            "n_test": len(test_part), "wall_s": result["wall_s"]}
+
+
+def run_recon(args) -> dict:
+    import torch
+
+    from mimkit.data import build_dataset
+    from mimkit.engine.checkpoint import load_checkpoint
+    from mimkit.eval.recon import EncoderFeatures, reconstruction_metrics
+    from mimkit.export import export_metadata, load_encoder, method_from_checkpoint
+    obj = load_checkpoint(args.ckpt)
+    method, cfg = method_from_checkpoint(obj)
+    device = args.device or os.environ.get("MIMKIT_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
+    fid_net = None
+    if args.fid_encoder:
+        meta = export_metadata(args.fid_encoder)
+        fid_net = EncoderFeatures(load_encoder(args.fid_encoder), meta["mean"], meta["std"], meta.get("pool", "mean"))
+    stats = obj["data_stats"]
+    return reconstruction_metrics(method, build_dataset(args.data, "test"), cfg.model.img_size, stats["mean"],
+                                  stats["std"], args.num_images, mask_seed=args.mask_seed, device=device,
+                                  inception_weights=args.inception_weights, fid_encoder=fid_net,
+                                  fid_encoder_name=args.fid_encoder or "")
+
+
+def run_robustness(args) -> dict:
+    import torch
+
+    from mimkit.data import build_dataset
+    from mimkit.eval import extract_features
+    from mimkit.eval.encoders import probe_subject
+    from mimkit.eval.features import labels_of, subset
+    from mimkit.eval.linear import ProbedClassifier, linear_probe
+    from mimkit.eval.robustness import corruption_accuracy, corruption_errors
+    device = args.device or os.environ.get("MIMKIT_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
+    train_set, test_set = build_dataset(args.data, "train"), build_dataset(args.data, "test")
+    train_part, test_part = subset(train_set, args.train_limit), subset(test_set, args.test_limit)
+    severities = tuple(int(s) for s in args.severities.split(","))
+    tables = {}
+    for ckpt in [args.ckpt] + ([args.baseline] if args.baseline else []):
+        subject = probe_subject(ckpt, in_chans=train_set.channels)
+        mean, std = subject.mean or train_set.mean, subject.std or train_set.std
+        feats, labels = extract_features(subject.model, train_part, subject.img_size, mean, std, subject.pool, device=device)
+        head = linear_probe(feats, labels, int(labels_of(train_set).max()) + 1)
+        tables[ckpt] = corruption_accuracy(ProbedClassifier(subject.model, head, subject.pool), test_part,
+                                           subject.img_size, mean, std, severities=severities, device=device)
+    table = tables[args.ckpt]
+    return {"protocol": "robustness", "run": args.ckpt, "baseline": args.baseline or args.ckpt, "severities": severities,
+            "accuracy": table, "ce": corruption_errors(table, tables[args.baseline or args.ckpt])}
+
+
+def run_attention(args) -> dict:
+    from pathlib import Path
+
+    import torch
+
+    from mimkit.data import EvalTransform, build_dataset
+    from mimkit.eval.attention import save_attention_grid
+    from mimkit.eval.encoders import probe_subject
+    dataset = build_dataset(args.data, "test")
+    subject = probe_subject(args.ckpt, in_chans=dataset.channels)
+    mean, std = subject.mean or dataset.mean, subject.std or dataset.std
+    t = EvalTransform(subject.img_size)
+    x = torch.stack([t(dataset[i][0]) for i in range(args.num_images)])
+    x = x.float() / 255 if x.dtype == torch.uint8 else x.float()
+    m, s = torch.tensor(mean).view(1, -1, 1, 1), torch.tensor(std).view(1, -1, 1, 1)
+    save_attention_grid(subject.model, (x - m) / s, x, tuple(subject.model.patch_embed.grid_size), Path(args.out))
+    return {"attention_png": args.out, "encoder": subject.description, "heads": subject.model.blocks[-1].attn.num_heads}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -143,8 +282,20 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "pretrain":
             cmd_pretrain(args)
+        elif args.command == "eval" and args.protocol == "recon":
+            print(json.dumps(run_recon(args)))
+        elif args.command == "eval" and args.protocol == "robustness":
+            print(json.dumps(run_robustness(args)))
+        elif args.command == "eval" and args.protocol == "report":
+            import torch
+            from mimkit.eval.report import run_report
+            device = args.device or os.environ.get("MIMKIT_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
+            run_report(args.runs, args.out, args.data, tuple(args.protocols.split(",")), args.train_limit,
+                       args.test_limit, tuple(int(s) for s in args.severities.split(",")), device=device)
         elif args.command == "eval":
             print(json.dumps(run_probe(args, args.protocol)))
+        elif args.command == "visualize":
+            print(json.dumps(run_attention(args)))
         elif args.command == "export":
             from mimkit.export import export_encoder
             weights, meta = export_encoder(args.ckpt, args.out)

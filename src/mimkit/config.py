@@ -104,16 +104,18 @@ def _unknown_key(key: str, candidates: list[str]) -> ConfigError:
     return ConfigError(f"unknown config key '{key}'{hint}")
 
 
-def _build(cls, data: dict, prefix: str = ""):
+def build_dataclass(cls, data: dict, prefix: str = "", root=None):
+    """`cls(**data)` with nested sections, typed values and an error naming the nearest key for unknown ones."""
+    root = root or cls
     if not isinstance(data, dict):
         raise ConfigError(f"config section '{prefix.rstrip('.') or 'root'}' must be a mapping, got {data!r}")
     names = {f.name for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in data.items():
         if key not in names:
-            raise _unknown_key(prefix + key, _valid_keys(Config) + _method_keys(data if cls is Config else {}))
+            raise _unknown_key(prefix + key, _valid_keys(root) + _method_keys(data if cls is Config else {}))
         sub = _dataclass_type(cls, key)
-        kwargs[key] = _build(sub, value or {}, f"{prefix}{key}.") if sub else \
+        kwargs[key] = build_dataclass(sub, value or {}, f"{prefix}{key}.", root) if sub else \
             _coerce(cls.__dataclass_fields__[key].type, value, prefix + key)
     return cls(**kwargs)
 
@@ -172,18 +174,20 @@ def merge(base: dict, extra: dict) -> dict:
 
 
 def config_from_dict(data: dict) -> Config:
-    cfg = _build(Config, data)
+    cfg = build_dataclass(Config, data)
     validate_method(cfg)
     return cfg
 
 
+def load_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist; pick one from configs/ (e.g. configs/mae_vit-mini_fmnist-tiny.yaml)")
+    return yaml.safe_load(path.read_text()) or {}
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    data: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist; pick one from configs/ (e.g. configs/mae_vit-mini_fmnist-tiny.yaml)")
-        data = yaml.safe_load(path.read_text()) or {}
+    data = load_yaml(path) if path is not None else {}
     return config_from_dict(merge(data, parse_overrides(overrides or [])))
 
 

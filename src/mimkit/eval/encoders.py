@@ -20,6 +20,7 @@ class ProbeSubject:
     mean: list | None               # None: the dataset's own statistics
     std: list | None
     description: str
+    timm_spec: tuple[str, dict] | None = None   # (model name, kwargs) to rebuild the encoder, e.g. for fine-tuning
 
 
 def probe_subject(ckpt: str | None = None, config: str | None = None, init: str | None = None,
@@ -34,7 +35,7 @@ def probe_subject(ckpt: str | None = None, config: str | None = None, init: str 
             raise CheckpointError("--random-init needs a run checkpoint or --config, not an export")
         meta = export_metadata(ckpt)
         return ProbeSubject(load_encoder(ckpt), meta["kwargs"]["img_size"], meta.get("pool", "cls"),
-                            meta.get("mean"), meta.get("std"), f"export {ckpt}")
+                            meta.get("mean"), meta.get("std"), f"export {ckpt}", (meta["model_name"], meta["kwargs"]))
     if ckpt:
         obj = load_checkpoint(ckpt)
         method, cfg = method_from_checkpoint(obj)
@@ -43,9 +44,9 @@ def probe_subject(ckpt: str | None = None, config: str | None = None, init: str 
             torch.manual_seed(seed)
             method = build_method(cfg, obj["in_chans"])
             return ProbeSubject(method.encoder.model, cfg.model.img_size, cfg.model.pool, stats["mean"], stats["std"],
-                                f"random init ({cfg.model.arch}-{cfg.model.size}, seed {seed})")
+                                f"random init ({cfg.model.arch}-{cfg.model.size}, seed {seed})", timm_spec(method))
         return ProbeSubject(method.encoder.model, cfg.model.img_size, cfg.model.pool, stats["mean"], stats["std"],
-                            f"{cfg.method['name']} run {ckpt} (step {obj['step']})")
+                            f"{cfg.method['name']} run {ckpt} (step {obj['step']})", timm_spec(method))
     if not config:
         raise CheckpointError("name the encoder: --ckpt RUN/last.pt, --ckpt EXPORT.safetensors, "
                               "--config X.yaml with --init FILE or --random-init, or --raw-pixels")
@@ -59,4 +60,8 @@ def probe_subject(ckpt: str | None = None, config: str | None = None, init: str 
     elif not random_init:
         raise CheckpointError("with --config, add --init FILE (weights) or --random-init")
     return ProbeSubject(method.encoder.model, cfg.model.img_size, cfg.model.pool, cfg.data.mean, cfg.data.std,
-                        description)
+                        description, timm_spec(method))
+
+
+def timm_spec(method) -> tuple[str, dict]:
+    return method.encoder.timm_name, method.encoder.timm_kwargs

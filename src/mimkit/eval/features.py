@@ -9,8 +9,13 @@ from mimkit.data import Augmented, EvalTransform
 
 
 def embed(model: torch.nn.Module, images: torch.Tensor, pool: str = "cls") -> torch.Tensor:
-    """[B, C, H, W] -> [B, D]: ViT tokens pooled by CLS or patch mean; Swin/CNN maps averaged."""
+    """[B, C, H, W] -> [B, D]: ViT tokens pooled by CLS or patch mean; Swin/CNN maps averaged;
+    pool='tokens' keeps a ViT's patch tokens [B, L, D] (attentive probing)."""
     feats = model.forward_features(images)
+    if pool == "tokens":
+        if feats.ndim != 3:
+            raise ValueError("attentive probing needs a ViT encoder (patch tokens), not a feature map")
+        return feats[:, getattr(model, "num_prefix_tokens", 1):]
     if feats.ndim == 3:                                  # ViT tokens [B, P+L, D]
         return pool_tokens(feats, pool, getattr(model, "num_prefix_tokens", 1))
     if feats.ndim == 4 and feats.shape[-1] == getattr(model, "num_features", -1):
@@ -35,7 +40,8 @@ def labels_of(dataset) -> torch.Tensor:
 @torch.no_grad()
 def extract_features(model: torch.nn.Module | None, dataset, img_size, mean, std, pool: str = "cls",
                      batch_size: int = 256, device: str | torch.device = "cpu", num_workers: int = 0):
-    """(features [N, D] float32 on CPU, labels [N]); `model=None` gives normalised raw pixels."""
+    """(features [N, D] float32 on CPU, labels [N]); `model=None` gives normalised raw pixels;
+    pool='tokens' gives patch tokens [N, L, D]."""
     device = torch.device(device)
     loader = DataLoader(Augmented(dataset, EvalTransform(img_size)), batch_size=batch_size,
                         num_workers=num_workers, shuffle=False)

@@ -1,0 +1,64 @@
+"""Attention maps (VE Fig. 6, Perceptual MAE Fig. 3, CAE Fig. 4): the last block's CLS-to-patch attention,
+per head and averaged over heads, overlaid on the images as a PNG grid."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torchvision.utils import make_grid, save_image
+
+
+@torch.no_grad()
+def cls_attention(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """[B, heads, L]: softmax attention of the CLS query over the patch tokens in the last block of a timm ViT.
+    timm fuses attention (SDPA), so the weights are recomputed from that block's q and k."""
+    if not hasattr(model, "blocks") or getattr(model, "num_prefix_tokens", 0) < 1:
+        raise ValueError("attention maps need a ViT encoder with a CLS token")
+    block = model.blocks[-1]
+    captured = {}
+    handle = block.norm1.register_forward_hook(lambda mod, inp, out: captured.__setitem__("x", out))
+    try:
+        model.forward_features(images)
+    finally:
+        handle.remove()
+    x = captured["x"]
+    attn = block.attn
+    b, n, c = x.shape
+    h = attn.num_heads
+    qkv = attn.qkv(x).reshape(b, n, 3, h, c // h).permute(2, 0, 3, 1, 4)
+    q, k = attn.q_norm(qkv[0]), attn.k_norm(qkv[1])
+    weights = ((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)       # [B, H, N, N]
+    return weights[:, :, 0, model.num_prefix_tokens:]
+
+
+def overlay(gray: torch.Tensor, heat: torch.Tensor) -> torch.Tensor:
+    """gray [B, 1, H, W] in [0, 1], heat [B, 1, H, W] in [0, 1] -> RGB [B, 3, H, W]: warm where attended."""
+    colour = torch.cat([heat, heat.pow(2) * 0.6, 1 - heat], dim=1)
+    return (0.45 * gray.expand(-1, 3, -1, -1) + 0.55 * colour).clamp(0, 1)
+
+
+@torch.no_grad()
+def save_attention_grid(model, images: torch.Tensor, display: torch.Tensor, grid: tuple[int, int], path: Path,
+                        min_tile: int = 84) -> torch.Tensor:
+    """One row per image: the image, the head-averaged map, then each head. `display` is the image in [0, 1]."""
+    attn = cls_attention(model, images)                                        # [B, H, L]
+    b, heads, _ = attn.shape
+    maps = torch.cat([attn.mean(1, keepdim=True), attn], dim=1).reshape(b * (heads + 1), 1, *grid)
+    lo, hi = maps.amin(dim=(2, 3), keepdim=True), maps.amax(dim=(2, 3), keepdim=True)
+    maps = (maps - lo) / (hi - lo).clamp(min=1e-12)
+    size = display.shape[-2:]
+    maps = F.interpolate(maps, size=size, mode="nearest").reshape(b, heads + 1, 1, *size)
+    gray = display[:, :3].mean(1, keepdim=True) if display.shape[1] != 1 else display
+    tiles = []
+    for i in range(b):
+        tiles.append(display[i:i + 1, :3].expand(-1, 3, -1, -1) if display.shape[1] in (1, 3) else gray[i:i + 1].expand(-1, 3, -1, -1))
+        tiles.append(overlay(gray[i:i + 1].expand(heads + 1, -1, -1, -1), maps[i]))
+    out = torch.cat(tiles).float().cpu()
+    scale = -(-min_tile // size[0])
+    if scale > 1:
+        out = F.interpolate(out, scale_factor=scale, mode="nearest")
+    image = make_grid(out, nrow=heads + 2, padding=2, pad_value=1.0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_image(image, path)
+    return image

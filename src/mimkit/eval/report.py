@@ -1,0 +1,179 @@
+"""`mimkit eval report RUN_A RUN_B ...`: the chosen protocols on several runs, one row per run and one column
+per protocol (like the papers' tables), plus attention and reconstruction PNGs, in OUT/report.md."""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+PROTOCOLS = ("knn", "linear", "linear_lars", "attentive", "recon", "robustness", "finetune")
+DEFAULT_PROTOCOLS = ("knn", "linear", "attentive", "recon", "robustness")
+
+
+@dataclass
+class Entry:
+    label: str
+    method: torch.nn.Module        # the whole pre-training method (reconstructions)
+    cfg: object
+    mean: list
+    std: list
+
+    @property
+    def encoder(self) -> torch.nn.Module:
+        return self.method.encoder.model
+
+
+def load_entry(spec: str, seed: int = 0) -> Entry:
+    """'RUN' or 'RUN/last.pt' (a mimkit run), or 'random:RUN' (that run's architecture, untrained)."""
+    from mimkit.engine.checkpoint import load_checkpoint
+    from mimkit.export import method_from_checkpoint
+    from mimkit.methods import build_method
+    random = spec.startswith("random:")
+    path = Path(spec[len("random:"):] if random else spec)
+    path = path / "last.pt" if path.is_dir() else path
+    obj = load_checkpoint(path)
+    method, cfg = method_from_checkpoint(obj)
+    if random:
+        torch.manual_seed(seed)
+        method = build_method(cfg, obj["in_chans"])
+    label = f"random init ({cfg.method['name']} {cfg.model.arch}-{cfg.model.size})" if random else \
+        f"{cfg.method['name']} {path.parent.name} (step {obj['step']})"
+    return Entry(label, method.eval(), cfg, obj["data_stats"]["mean"], obj["data_stats"]["std"])
+
+
+def run_report(specs: list[str], out: str | Path, data: str = "fashion-mnist", protocols=DEFAULT_PROTOCOLS,
+               train_limit: int | None = 5000, test_limit: int | None = 2000, severities=(1, 3, 5),
+               finetune_epochs: int = 3, device: str = "cpu", seed: int = 0, log=print) -> list[dict]:
+    from mimkit.data import build_dataset
+    from mimkit.engine.logging import save_rows_grid
+    from mimkit.eval import extract_features, knn_top1
+    from mimkit.eval.attention import save_attention_grid
+    from mimkit.eval.attentive import attentive_probe_top1
+    from mimkit.eval.features import labels_of, subset
+    from mimkit.eval.linear import ProbedClassifier, linear_probe, linear_probe_top1, top1
+    from mimkit.eval.recon import reconstruction_metrics
+    from mimkit.eval.robustness import corruption_accuracy, corruption_errors
+
+    unknown = set(protocols) - set(PROTOCOLS)
+    if unknown:
+        raise ValueError(f"unknown protocol(s) {', '.join(sorted(unknown))}; choose from {', '.join(PROTOCOLS)}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    train_set, test_set = build_dataset(data, "train"), build_dataset(data, "test")
+    train_part, test_part = subset(train_set, train_limit, seed), subset(test_set, test_limit, seed)
+    num_classes = int(labels_of(train_set).max()) + 1
+    rows, baseline_table = [], None
+    for i, spec in enumerate(specs):
+        entry = load_entry(spec, seed)
+        cfg, enc = entry.cfg, entry.encoder
+        size, pool = cfg.model.img_size, cfg.model.pool
+        row = {"run": entry.label, "spec": spec}
+        start = time.time()
+        log(f"[report] {entry.label}")
+        tr = extract_features(enc, train_part, size, entry.mean, entry.std, pool, device=device)
+        te = extract_features(enc, test_part, size, entry.mean, entry.std, pool, device=device)
+        if "knn" in protocols:
+            row["knn"] = knn_top1(*tr, *te, k=20)
+        if "linear" in protocols:
+            row["linear"] = linear_probe_top1(*tr, *te, seed=seed)
+        if "linear_lars" in protocols:
+            row["linear_lars"] = linear_probe_top1(*tr, *te, optimizer="lars", batch_size=4096, epochs=90, seed=seed)
+        if "attentive" in protocols and cfg.model.arch == "vit":
+            tr_t = extract_features(enc, train_part, size, entry.mean, entry.std, "tokens", device=device)
+            te_t = extract_features(enc, test_part, size, entry.mean, entry.std, "tokens", device=device)
+            row["attentive"] = attentive_probe_top1(*tr_t, *te_t, num_heads=enc.blocks[0].attn.num_heads, seed=seed)
+        if "recon" in protocols:
+            row["recon"] = reconstruction_metrics(entry.method, test_part, size, entry.mean, entry.std,
+                                                  num_images=min(500, len(test_part)), device=device)
+        if "robustness" in protocols:
+            head = linear_probe(tr[0], tr[1], num_classes, seed=seed)
+            table = corruption_accuracy(ProbedClassifier(enc, head, pool), test_part, size, entry.mean, entry.std,
+                                        severities=severities, device=device, seed=seed)
+            baseline_table = baseline_table or table
+            row["robustness"] = {"clean": table["clean"], "table": table, "ce": corruption_errors(table, baseline_table)}
+        if "finetune" in protocols:
+            from mimkit.eval.finetune import FinetuneConfig, classifier_from_encoder, finetune
+            ft_cfg = FinetuneConfig(epochs=finetune_epochs, batch_size=64, base_lr=1e-3, warmup_epochs=1,
+                                    num_workers=0, seed=seed)
+            spec_enc = entry.method.encoder
+            model = classifier_from_encoder(spec_enc.timm_name, spec_enc.timm_kwargs, enc.state_dict(), num_classes, ft_cfg)
+            row["finetune"] = {k: v for k, v in finetune(model, train_part, test_part, size, entry.mean, entry.std,
+                                                            ft_cfg, device, log).items() if k != "history"}
+        if cfg.model.arch == "vit":
+            images = _first_images(test_set, size, entry.mean, entry.std)
+            save_attention_grid(enc, images, _display(images, entry), enc.patch_embed.grid_size, out / f"attention-{i}.png")
+            row["attention_png"] = f"attention-{i}.png"
+        torch.manual_seed(seed)
+        recon_rows = entry.method.reconstruction_rows(_first_images(test_set, size, entry.mean, entry.std))
+        mean_t, std_t = (torch.tensor(v).view(1, -1, 1, 1) for v in (entry.mean, entry.std))
+        save_rows_grid(recon_rows, mean_t, std_t, out / f"reconstruction-{i}.png")
+        row["reconstruction_png"] = f"reconstruction-{i}.png"
+        row["wall_s"] = round(time.time() - start, 1)
+        rows.append(row)
+    (out / "report.json").write_text(json.dumps(rows, indent=2, default=float))
+    (out / "report.md").write_text(render(rows, protocols, data, train_limit, test_limit, severities))
+    log(f"[report] wrote {out / 'report.md'}")
+    return rows
+
+
+def _first_images(dataset, size, mean, std, count: int = 6) -> torch.Tensor:
+    from mimkit.data import EvalTransform
+    t = EvalTransform(size)
+    x = torch.stack([t(dataset[i][0]) for i in range(count)])
+    x = x.float() / 255 if x.dtype == torch.uint8 else x.float()
+    return (x - torch.tensor(mean).view(1, -1, 1, 1)) / torch.tensor(std).view(1, -1, 1, 1)
+
+
+def _display(images: torch.Tensor, entry: Entry) -> torch.Tensor:
+    return (images * torch.tensor(entry.std).view(1, -1, 1, 1) + torch.tensor(entry.mean).view(1, -1, 1, 1)).clamp(0, 1)
+
+
+def render(rows: list[dict], protocols, data, train_limit, test_limit, severities) -> str:
+    cols = []
+    for p in protocols:
+        cols += {"knn": ["k-NN"], "linear": ["linear"], "linear_lars": ["linear (LARS)"], "attentive": ["attentive"],
+                 "recon": ["L1", "PSNR", "SSIM", "MS-SSIM", "FID"], "robustness": ["clean (probe)", "mCE"],
+                 "finetune": ["fine-tune best", "fine-tune final"]}[p]
+    lines = ["# mimkit evaluation report", "",
+             f"Data `{data}`; probes trained on {train_limit or 'all'} train images, measured on {test_limit or 'all'} "
+             f"test images; top-1 in %. Reconstruction metrics over a fixed set of seeded masks (seed 0). "
+             f"Robustness: a linear probe on clean features, corruptions at severities {list(severities)}; "
+             f"mCE relative to the first row.", "",
+             "| run | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for r in rows:
+        cells = []
+        for p in protocols:
+            if p == "recon":
+                m = r.get("recon") or {}
+                cells += [_f(m.get("l1"), 4), _f(m.get("psnr"), 2), _f(m.get("ssim"), 4), _f(m.get("ms_ssim"), 4),
+                          _f(m.get("fid"), 2)]
+            elif p == "robustness":
+                rob = r.get("robustness") or {}
+                cells += [_f(rob.get("clean"), 2), _f((rob.get("ce") or {}).get("mCE"), 3)]
+            elif p == "finetune":
+                ft = r.get("finetune") or {}
+                cells += [_f(ft.get("best_top1"), 2), _f(ft.get("final_top1"), 2)]
+            else:
+                cells.append(_f(r.get(p), 2))
+        lines.append(f"| {r['run']} | " + " | ".join(cells) + " |")
+    if any("robustness" in r for r in rows):
+        names = [k for k in rows[0]["robustness"]["table"] if k != "clean"]
+        lines += ["", "## Corruption errors (CE, relative to the first row)", "",
+                  "| run | " + " | ".join(names) + " | mCE |", "|---" * (len(names) + 2) + "|"]
+        for r in rows:
+            ce = r["robustness"]["ce"]
+            lines.append(f"| {r['run']} | " + " | ".join(f"{ce[n]:.3f}" for n in names) + f" | {ce['mCE']:.3f} |")
+    lines += ["", "## Pictures", ""]
+    for r in rows:
+        lines.append(f"### {r['run']}")
+        if "attention_png" in r:
+            lines += ["", "Last-layer CLS attention (image | mean over heads | each head):", "", f"![attention]({r['attention_png']})"]
+        lines += ["", "Reconstructions:", "", f"![reconstruction]({r['reconstruction_png']})", ""]
+    return "\n".join(lines) + "\n"
+
+
+def _f(value, digits: int) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
