@@ -169,3 +169,46 @@ def test_eval_commands_and_report(mae_run, fmnist_small, tmp_path, capsys):
         assert (tmp_path / "rep" / name).exists()
     rows = json.loads((tmp_path / "rep/report.json").read_text())
     assert rows[1]["robustness"]["ce"]["mCE"] != 1.0 or rows[0]["knn"] != rows[1]["knn"]
+
+
+def test_fid_and_inception_score_from_a_local_inception_weights_file(tmp_path, fmnist_small, monkeypatch):
+    """No weights can be downloaded here: make an Inception-v3 file in torch-fidelity's format (random weights)
+    and check that FID and IS are computed from it (FID of an identity reconstruction ~ 0)."""
+    import torch_fidelity.feature_extractor_inceptionv3 as fidelity
+    monkeypatch.setattr(fidelity, "load_state_dict_from_url", lambda *a, **k: {})
+    monkeypatch.setattr(fidelity.FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd, strict=True: None)
+    torch.manual_seed(0)
+    net = fidelity.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
+    torch.save(torch.nn.Module.state_dict(net), tmp_path / "inception.pth")
+    monkeypatch.undo()
+
+    class Identity(torch.nn.Module):
+        def reconstruction_rows(self, images):
+            return [("original", images), ("reconstruction", images.clone())]
+
+    test = build_dataset(f"idx:{fmnist_small}", "test")
+    m = reconstruction_metrics(Identity(), test, [28, 28], [0.286], [0.353], num_images=40, batch_size=20,
+                               inception_weights=str(tmp_path / "inception.pth"))
+    assert abs(m["fid"]) < 1e-2 and m["inception_score"] >= 1.0 and "Inception-v3" in m["feature_network"]
+
+
+def test_cls_attention_matches_the_blocks_own_attention():
+    """The recomputed CLS attention reproduces timm's fused attention output for the CLS token."""
+    from mimkit.eval.attention import cls_attention
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", **VIT).eval()
+    images = torch.randn(2, 1, 28, 28)
+    weights = cls_attention(model, images)                                   # [B, H, L] over patches only
+    assert weights.shape == (2, 4, 49) and (weights.sum(-1) < 1).all()      # the CLS's share of itself is left out
+    captured = {}
+    block = model.blocks[-1]
+    hook = block.norm1.register_forward_hook(lambda m, i, o: captured.__setitem__("x", o))
+    model.forward_features(images)
+    hook.remove()
+    x = captured["x"]
+    attn = block.attn
+    qkv = attn.qkv(x).reshape(2, 50, 3, 4, 16).permute(2, 0, 3, 1, 4)
+    full = ((qkv[0] * attn.scale) @ qkv[1].transpose(-2, -1)).softmax(-1)
+    assert torch.allclose(full[:, :, 0, 1:], weights, atol=1e-6)
+    cls_out = attn.proj((full[:, :, :1] @ qkv[2]).transpose(1, 2).reshape(2, 1, 64))
+    assert torch.allclose(cls_out[:, 0], attn(x)[:, 0], atol=1e-5)

@@ -92,9 +92,11 @@ def _distribution_metrics(inception_weights, fid_encoder, fid_encoder_name, devi
     """(FID metric or None, Inception Score metric or None, description of the feature network)."""
     from torchmetrics.image.fid import FrechetInceptionDistance
     if inception_weights:
+        from torchmetrics.image.fid import NoTrainInceptionV3
         from torchmetrics.image.inception import InceptionScore
         fid = FrechetInceptionDistance(feature=2048, normalize=True, feature_extractor_weights_path=inception_weights)
-        score = InceptionScore(feature="logits_unbiased", normalize=True, feature_extractor_weights_path=inception_weights)
+        logits = NoTrainInceptionV3("inception-v3-compat", ["logits_unbiased"], feature_extractor_weights_path=inception_weights)
+        score = InceptionScore(feature=logits, normalize=True)
         return fid.to(device), score.to(device), f"Inception-v3 ({inception_weights})"
     if fid_encoder is not None:
         fid = FrechetInceptionDistance(feature=fid_encoder, normalize=True)
