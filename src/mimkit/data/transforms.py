@@ -63,7 +63,8 @@ class EvalTransform:
 
 
 class Augmented(torch.utils.data.Dataset):
-    """Wraps a dataset; indices are (index, seed) pairs from `ResumableSampler` or plain ints (seed 0)."""
+    """Wraps a dataset; indices are (index, seed) pairs from `ResumableSampler`, or plain ints (seed = index,
+    so that random transforms still differ from image to image)."""
 
     def __init__(self, dataset, transform):
         self.dataset, self.transform = dataset, transform
@@ -72,6 +73,6 @@ class Augmented(torch.utils.data.Dataset):
         return len(self.dataset)
 
     def __getitem__(self, item):
-        index, seed = item if isinstance(item, tuple) else (item, 0)
+        index, seed = item if isinstance(item, tuple) else (item, item)
         image, label, skipped = self.dataset[index]
         return self.transform(image, seed), label, skipped

@@ -15,7 +15,7 @@ from timm.loss import SoftTargetCrossEntropy
 from timm.optim import param_groups_layer_decay
 from torch.utils.data import DataLoader
 
-from mimkit.data import Augmented, EvalTransform, PretrainTransform
+from mimkit.data import Augmented, EvalTransform, PretrainTransform, ResumableSampler
 
 
 @dataclass
@@ -89,9 +89,14 @@ def finetune(model: torch.nn.Module, train_set, test_set, img_size, mean, std, c
     mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.label_smoothing,
                   num_classes=num_classes) if (cfg.mixup > 0 or cfg.cutmix > 0) else None
     criterion = SoftTargetCrossEntropy() if mixup else torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    train_loader = DataLoader(Augmented(train_set, FinetuneTransform(img_size, cfg, mean)), batch_size=cfg.batch_size,
-                              shuffle=True, drop_last=True, num_workers=cfg.num_workers,
-                              generator=torch.Generator().manual_seed(cfg.seed))
+    train_data = Augmented(train_set, FinetuneTransform(img_size, cfg, mean))
+
+    def epoch_loader(epoch: int) -> DataLoader:  # (index, seed) pairs: every image gets its own crop, every epoch
+        return DataLoader(train_data, batch_size=cfg.batch_size, drop_last=True, num_workers=cfg.num_workers,
+                          sampler=ResumableSampler(len(train_set), cfg.seed, epoch),
+                          generator=torch.Generator().manual_seed(cfg.seed))
+
+    train_loader = epoch_loader(0)
     mean_t = torch.tensor(mean, device=device).view(1, -1, 1, 1)
     std_t = torch.tensor(std, device=device).view(1, -1, 1, 1)
     steps_per_epoch = len(train_loader)
@@ -100,7 +105,7 @@ def finetune(model: torch.nn.Module, train_set, test_set, img_size, mean, std, c
     history, step, start = [], 0, time.time()
     for epoch in range(cfg.epochs):
         model.train()
-        for images, labels, _ in train_loader:
+        for images, labels, _ in epoch_loader(epoch):
             now = lr * (step + 1) / warmup if step < warmup else \
                 cfg.min_lr + (lr - cfg.min_lr) * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(total - warmup, 1)))
             for group in opt.param_groups:

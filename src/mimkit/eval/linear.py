@@ -88,4 +88,5 @@ class ProbedClassifier(nn.Module):
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         from mimkit.eval.features import embed
-        return self.head(embed(self.encoder, images, self.pool).float())
+        feats = embed(self.encoder, images, self.pool).float()
+        return self.head.to(feats.device)(feats)   # the head may have been trained on cached CPU features
