@@ -42,7 +42,8 @@ def overlay(gray: torch.Tensor, heat: torch.Tensor) -> torch.Tensor:
 def save_attention_grid(model, images: torch.Tensor, display: torch.Tensor, grid: tuple[int, int], path: Path,
                         min_tile: int = 84) -> torch.Tensor:
     """One row per image: the image, the head-averaged map, then each head. `display` is the image in [0, 1]."""
-    attn = cls_attention(model, images)                                        # [B, H, L]
+    attn = cls_attention(model, images).float().cpu()                          # [B, H, L]
+    display = display.float().cpu()
     b, heads, _ = attn.shape
     maps = torch.cat([attn.mean(1, keepdim=True), attn], dim=1).reshape(b * (heads + 1), 1, *grid)
     lo, hi = maps.amin(dim=(2, 3), keepdim=True), maps.amax(dim=(2, 3), keepdim=True)

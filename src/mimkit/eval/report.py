@@ -102,12 +102,14 @@ def run_report(specs: list[str], out: str | Path, data: str = "fashion-mnist", p
             model = classifier_from_encoder(spec_enc.timm_name, spec_enc.timm_kwargs, enc.state_dict(), num_classes, ft_cfg)
             row["finetune"] = {k: v for k, v in finetune(model, train_part, test_part, size, entry.mean, entry.std,
                                                             ft_cfg, device, log).items() if k != "history"}
+        images = _first_images(test_set, size, entry.mean, entry.std)          # on the CPU
+        entry.method.to(device)
         if cfg.model.arch == "vit":
-            images = _first_images(test_set, size, entry.mean, entry.std)
-            save_attention_grid(enc, images, _display(images, entry), enc.patch_embed.grid_size, out / f"attention-{i}.png")
+            save_attention_grid(enc, images.to(device), _display(images, entry), enc.patch_embed.grid_size,
+                                out / f"attention-{i}.png")
             row["attention_png"] = f"attention-{i}.png"
         torch.manual_seed(seed)
-        recon_rows = entry.method.reconstruction_rows(_first_images(test_set, size, entry.mean, entry.std))
+        recon_rows = [(name, x.float().cpu()) for name, x in entry.method.reconstruction_rows(images.to(device))]
         mean_t, std_t = (torch.tensor(v).view(1, -1, 1, 1) for v in (entry.mean, entry.std))
         save_rows_grid(recon_rows, mean_t, std_t, out / f"reconstruction-{i}.png")
         row["reconstruction_png"] = f"reconstruction-{i}.png"
