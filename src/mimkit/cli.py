@@ -255,7 +255,7 @@ def run_attention(args) -> dict:
 
     import torch
 
-    from mimkit.data import EvalTransform, build_dataset
+    from mimkit.data import EvalTransform, build_dataset, to_unit_float
     from mimkit.eval.attention import save_attention_grid
     from mimkit.eval.encoders import probe_subject
     dataset = build_dataset(args.data, "test")
@@ -263,7 +263,7 @@ def run_attention(args) -> dict:
     mean, std = subject.mean or dataset.mean, subject.std or dataset.std
     t = EvalTransform(subject.img_size)
     x = torch.stack([t(dataset[i][0]) for i in range(args.num_images)])
-    x = x.float() / 255 if x.dtype == torch.uint8 else x.float()
+    x = to_unit_float(x)
     m, s = torch.tensor(mean).view(1, -1, 1, 1), torch.tensor(std).view(1, -1, 1, 1)
     save_attention_grid(subject.model, (x - m) / s, x, tuple(subject.model.patch_embed.grid_size), Path(args.out))
     return {"attention_png": args.out, "encoder": subject.description, "heads": subject.model.blocks[-1].attn.num_heads}

@@ -35,6 +35,11 @@ def random_resized_crop_box(height: int, width: int, scale, ratio, gen: torch.Ge
     return (height - h) // 2, (width - w) // 2, h, w
 
 
+def to_unit_float(images: torch.Tensor) -> torch.Tensor:
+    """8-bit images -> float in [0, 1]; float arrays (e.g. .npy data) pass through as float."""
+    return images.float() / 255 if images.dtype == torch.uint8 else images.float()
+
+
 class PretrainTransform:
     """RandomResizedCrop (bicubic) + horizontal flip, seeded per sample."""
 

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 import mimkit
 from mimkit.config import Config
-from mimkit.data import Augmented, EvalTransform, PretrainTransform, ResumableSampler, build_dataset
+from mimkit.data import Augmented, EvalTransform, PretrainTransform, ResumableSampler, build_dataset, to_unit_float
 from mimkit.engine import dist as D
 from mimkit.engine.checkpoint import CheckpointError, is_run_checkpoint, load_checkpoint, save_atomic, state_dict_of
 from mimkit.engine.logging import MetricsLog, save_rows_grid
@@ -158,7 +158,7 @@ class Trainer:
 
     def _normalise(self, images: torch.Tensor) -> torch.Tensor:
         x = images.to(self.device, non_blocking=True)
-        x = x.float() / 255 if x.dtype == torch.uint8 else x.float()
+        x = to_unit_float(x)
         return (x - self.mean) / self.std
 
     def _fixed_sample_batch(self) -> torch.Tensor:

@@ -5,7 +5,7 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from mimkit.backbones import pool_tokens
-from mimkit.data import Augmented, EvalTransform
+from mimkit.data import Augmented, EvalTransform, to_unit_float
 
 
 def embed(model: torch.nn.Module, images: torch.Tensor, pool: str = "cls") -> torch.Tensor:
@@ -53,7 +53,7 @@ def extract_features(model: torch.nn.Module | None, dataset, img_size, mean, std
     feats, labels = [], []
     for images, y, _ in loader:
         x = images.to(device)
-        x = (x.float() / 255 if x.dtype == torch.uint8 else x.float())
+        x = to_unit_float(x)
         x = (x - mean_t) / std_t
         with autocast:
             f = x.flatten(1) if model is None else embed(model, x, pool)

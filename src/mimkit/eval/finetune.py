@@ -15,7 +15,7 @@ from timm.loss import SoftTargetCrossEntropy
 from timm.optim import param_groups_layer_decay
 from torch.utils.data import DataLoader
 
-from mimkit.data import Augmented, EvalTransform, PretrainTransform, ResumableSampler
+from mimkit.data import Augmented, EvalTransform, PretrainTransform, ResumableSampler, to_unit_float
 
 
 @dataclass
@@ -128,7 +128,7 @@ def finetune(model: torch.nn.Module, train_set, test_set, img_size, mean, std, c
 
 
 def normalise(x: torch.Tensor, mean_t: torch.Tensor, std_t: torch.Tensor) -> torch.Tensor:
-    x = x.float() / 255 if x.dtype == torch.uint8 else x.float()
+    x = to_unit_float(x)
     return (x - mean_t) / std_t
 
 

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
-from mimkit.data import Augmented, EvalTransform
+from mimkit.data import Augmented, EvalTransform, to_unit_float
 
 MS_SSIM_BETAS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
 
@@ -62,7 +62,7 @@ def reconstruction_metrics(method, dataset, img_size, mean, std, num_images: int
         torch.manual_seed(mask_seed)                     # the same masks for every run
         for images, _, _ in loader:
             x = images.to(device)
-            x = x.float() / 255 if x.dtype == torch.uint8 else x.float()
+            x = to_unit_float(x)
             rows = dict(method.reconstruction_rows((x - mean_t) / std_t))
             recon = (rows["reconstruction"].float() * std_t + mean_t).clamp(0, 1)
             x = x.clamp(0, 1)

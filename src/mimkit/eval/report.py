@@ -122,10 +122,10 @@ def run_report(specs: list[str], out: str | Path, data: str = "fashion-mnist", p
 
 
 def _first_images(dataset, size, mean, std, count: int = 6) -> torch.Tensor:
-    from mimkit.data import EvalTransform
+    from mimkit.data import EvalTransform, to_unit_float
     t = EvalTransform(size)
     x = torch.stack([t(dataset[i][0]) for i in range(count)])
-    x = x.float() / 255 if x.dtype == torch.uint8 else x.float()
+    x = to_unit_float(x)
     return (x - torch.tensor(mean).view(1, -1, 1, 1)) / torch.tensor(std).view(1, -1, 1, 1)
 
 

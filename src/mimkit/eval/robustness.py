@@ -11,6 +11,8 @@ import io
 import torch
 import torch.nn.functional as F
 
+from mimkit.data import to_unit_float
+
 NOISE_STD = (0.04, 0.08, 0.12, 0.18, 0.26)
 SHOT_PHOTONS = (60, 25, 12, 5, 3)
 BLUR_SIGMA = (0.5, 0.8, 1.1, 1.5, 2.0)
@@ -86,7 +88,7 @@ def corrupt(images: torch.Tensor, name: str, severity: int, seed: int = 0) -> to
         raise ValueError(f"unknown corruption {name!r}; choose from {', '.join(CORRUPTIONS)}")
     if not 1 <= severity <= 5:
         raise ValueError(f"severity must be 1..5, not {severity}")
-    x = images.float() / 255 if images.dtype == torch.uint8 else images.float()
+    x = to_unit_float(images)
     return CORRUPTIONS[name](x, severity, torch.Generator().manual_seed(seed)).clamp(0, 1)
 
 
