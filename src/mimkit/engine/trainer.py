@@ -106,7 +106,7 @@ class Trainer:
         self.optimizers = {g: make_optimizer(named, cfg, self.lr) for g, named in groups.items()}
         self.schedulers = {g: CosineLRScheduler(opt, t_initial=max(self.total_steps - self.warmup_steps, 1),
                                                 lr_min=cfg.optim.min_lr, warmup_t=self.warmup_steps, warmup_lr_init=0.0,
-                                                warmup_prefix=True, t_in_epochs=False, k_decay=1.0)
+                                                warmup_prefix=True, t_in_epochs=False)
                            for g, opt in self.optimizers.items()}
         self.fused = all(opt.defaults.get("fused") for opt in self.optimizers.values())
 

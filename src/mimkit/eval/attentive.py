@@ -5,7 +5,6 @@ decay, warm-up then cosine (CAE: 90 epochs, 10 warm-up, batch 8192, lr 0.4)."""
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from mimkit.eval.linear import top1, train_head

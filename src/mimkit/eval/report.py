@@ -53,7 +53,7 @@ def run_report(specs: list[str], out: str | Path, data: str = "fashion-mnist", p
     from mimkit.eval.attention import save_attention_grid
     from mimkit.eval.attentive import attentive_probe_top1
     from mimkit.eval.features import labels_of, subset
-    from mimkit.eval.linear import ProbedClassifier, linear_probe, linear_probe_top1, top1
+    from mimkit.eval.linear import ProbedClassifier, linear_probe, linear_probe_top1
     from mimkit.eval.recon import reconstruction_metrics
     from mimkit.eval.robustness import corruption_accuracy, corruption_errors
 
