@@ -142,7 +142,6 @@ def cmd_pretrain(args) -> None:
 
 
 def run_probe(args, protocol: str) -> dict:
-    import torch
 
     from mimkit.data import build_dataset
     from mimkit.eval import extract_features, knn_top1, linear_probe_top1
@@ -157,7 +156,7 @@ def run_probe(args, protocol: str) -> dict:
     std = subject.std or train_set.std
     size = subject.img_size or list(train_set[0][0].shape[-2:])
     pool = args.pool or subject.pool
-    device = args.device or os.environ.get("MIMKIT_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device(args.device)
     train_part, test_part = subset(train_set, args.train_limit, args.seed), subset(test_set, args.test_limit, args.seed)
     if labels_of(train_part).min() < 0:
         raise SystemExit(f"mimkit: error: {args.data} is unlabelled; probes need class sub-folders")
@@ -204,7 +203,6 @@ def run_finetune(args, subject, train_part, test_part, size, mean, std, device) 
 
 
 def run_recon(args) -> dict:
-    import torch
 
     from mimkit.data import build_dataset
     from mimkit.engine.checkpoint import load_checkpoint
@@ -212,7 +210,7 @@ def run_recon(args) -> dict:
     from mimkit.export import export_metadata, load_encoder, method_from_checkpoint
     obj = load_checkpoint(args.ckpt)
     method, cfg = method_from_checkpoint(obj)
-    device = args.device or os.environ.get("MIMKIT_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device(args.device)
     fid_net = None
     if args.fid_encoder:
         meta = export_metadata(args.fid_encoder)
@@ -225,7 +223,6 @@ def run_recon(args) -> dict:
 
 
 def run_robustness(args) -> dict:
-    import torch
 
     from mimkit.data import build_dataset
     from mimkit.eval import extract_features
@@ -233,7 +230,7 @@ def run_robustness(args) -> dict:
     from mimkit.eval.features import labels_of, subset
     from mimkit.eval.linear import ProbedClassifier, linear_probe
     from mimkit.eval.robustness import corruption_accuracy, corruption_errors
-    device = args.device or os.environ.get("MIMKIT_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device(args.device)
     train_set, test_set = build_dataset(args.data, "train"), build_dataset(args.data, "test")
     train_part, test_part = subset(train_set, args.train_limit), subset(test_set, args.test_limit)
     severities = tuple(int(s) for s in args.severities.split(","))
@@ -269,6 +266,11 @@ def run_attention(args) -> dict:
     return {"attention_png": args.out, "encoder": subject.description, "heads": subject.model.blocks[-1].attn.num_heads}
 
 
+def default_device(requested):
+    from mimkit.engine.dist import default_device as choose
+    return choose(requested)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from mimkit.config import ConfigError
@@ -287,9 +289,8 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "eval" and args.protocol == "robustness":
             print(json.dumps(run_robustness(args)))
         elif args.command == "eval" and args.protocol == "report":
-            import torch
             from mimkit.eval.report import run_report
-            device = args.device or os.environ.get("MIMKIT_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
+            device = default_device(args.device)
             run_report(args.runs, args.out, args.data, tuple(args.protocols.split(",")), args.train_limit,
                        args.test_limit, tuple(int(s) for s in args.severities.split(",")), device=device)
         elif args.command == "eval":

@@ -13,14 +13,18 @@ from mimkit.engine.checkpoint import CheckpointError, is_run_checkpoint, load_ch
 from mimkit.methods import build_method
 
 
-def method_from_checkpoint(obj: dict):
-    """(method with the run's weights, config) from a loaded run checkpoint."""
+def method_from_checkpoint(obj: dict, random_init_seed: int | None = None):
+    """(method, config) from a loaded run checkpoint: with the run's weights, or, given `random_init_seed`,
+    the same architecture freshly initialised (the random-init baseline of the probes)."""
     if not is_run_checkpoint(obj):
         raise CheckpointError("this is not a mimkit run checkpoint (RUN/last.pt); for an official release "
                               "checkpoint use --init with --config")
     cfg = config_from_dict(obj["config"])
+    if random_init_seed is not None:
+        torch.manual_seed(random_init_seed)
     method = build_method(cfg, obj["in_chans"])
-    method.load_state_dict(obj["model"])
+    if random_init_seed is None:
+        method.load_state_dict(obj["model"])
     return method, cfg
 
 

@@ -26,13 +26,20 @@ class DistInfo:
         return self.rank == 0
 
 
+def default_device(requested: str | None = None) -> str:
+    """The device to use: the one asked for, else $MIMKIT_DEVICE (e.g. cpu on a GPU machine), else cuda if present."""
+    requested = requested or os.environ.get("MIMKIT_DEVICE")
+    if requested:
+        return requested
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def init_distributed(device: str | None = None) -> DistInfo:
     """Reads torchrun's environment; a plain `python`/`mimkit` call is a world of one."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = device or os.environ.get("MIMKIT_DEVICE")  # e.g. MIMKIT_DEVICE=cpu on a GPU machine
-    use_cuda = torch.cuda.is_available() and device != "cpu"
+    use_cuda = torch.cuda.is_available() and default_device(device) != "cpu"
     dev = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
     if use_cuda:
         torch.cuda.set_device(dev)

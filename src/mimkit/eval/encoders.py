@@ -38,11 +38,9 @@ def probe_subject(ckpt: str | None = None, config: str | None = None, init: str 
                             meta.get("mean"), meta.get("std"), f"export {ckpt}", (meta["model_name"], meta["kwargs"]))
     if ckpt:
         obj = load_checkpoint(ckpt)
-        method, cfg = method_from_checkpoint(obj)
+        method, cfg = method_from_checkpoint(obj, seed if random_init else None)
         stats = obj["data_stats"]
         if random_init:
-            torch.manual_seed(seed)
-            method = build_method(cfg, obj["in_chans"])
             return ProbeSubject(method.encoder.model, cfg.model.img_size, cfg.model.pool, stats["mean"], stats["std"],
                                 f"random init ({cfg.model.arch}-{cfg.model.size}, seed {seed})", timm_spec(method))
         return ProbeSubject(method.encoder.model, cfg.model.img_size, cfg.model.pool, stats["mean"], stats["std"],

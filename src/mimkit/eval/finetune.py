@@ -7,8 +7,10 @@ import math
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
 import timm
 import torch
+from PIL import Image
 from timm.data import Mixup
 from timm.data.auto_augment import rand_augment_transform
 from timm.loss import SoftTargetCrossEntropy
@@ -52,10 +54,8 @@ class FinetuneTransform(PretrainTransform):
         out = super().__call__(image, seed)
         if self.randaug is None or out.dtype != torch.uint8 or out.shape[0] not in (1, 3):
             return out
-        from PIL import Image
         arr = out.permute(1, 2, 0).numpy()
         pil = Image.fromarray(arr[..., 0] if out.shape[0] == 1 else arr)
-        import numpy as np
         back = torch.from_numpy(np.asarray(self.randaug(pil.convert("RGB") if out.shape[0] == 3 else pil)).copy())
         return back.unsqueeze(0) if back.ndim == 2 else back.permute(2, 0, 1).contiguous()
 
@@ -135,7 +135,7 @@ def normalise(x: torch.Tensor, mean_t: torch.Tensor, std_t: torch.Tensor) -> tor
 @torch.no_grad()
 def evaluate(model, dataset, img_size, mean_t, std_t, device, transform=None, batch_size: int = 512) -> float:
     """Top-1 (%) of a classifier on `dataset`; `transform(images uint8/float, index) -> images` corrupts on the fly."""
-    model.eval()
+    model.eval().to(device)
     loader = DataLoader(Augmented(dataset, EvalTransform(img_size)), batch_size=batch_size, shuffle=False)
     correct = total = 0
     for images, labels, _ in loader:

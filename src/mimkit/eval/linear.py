@@ -88,5 +88,4 @@ class ProbedClassifier(nn.Module):
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         from mimkit.eval.features import embed
-        feats = embed(self.encoder, images, self.pool).float()
-        return self.head.to(feats.device)(feats)   # the head may have been trained on cached CPU features
+        return self.head(embed(self.encoder, images, self.pool).float())

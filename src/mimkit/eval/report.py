@@ -30,15 +30,11 @@ def load_entry(spec: str, seed: int = 0) -> Entry:
     """'RUN' or 'RUN/last.pt' (a mimkit run), or 'random:RUN' (that run's architecture, untrained)."""
     from mimkit.engine.checkpoint import load_checkpoint
     from mimkit.export import method_from_checkpoint
-    from mimkit.methods import build_method
     random = spec.startswith("random:")
     path = Path(spec[len("random:"):] if random else spec)
     path = path / "last.pt" if path.is_dir() else path
     obj = load_checkpoint(path)
-    method, cfg = method_from_checkpoint(obj)
-    if random:
-        torch.manual_seed(seed)
-        method = build_method(cfg, obj["in_chans"])
+    method, cfg = method_from_checkpoint(obj, seed if random else None)
     label = f"random init ({cfg.method['name']} {cfg.model.arch}-{cfg.model.size})" if random else \
         f"{cfg.method['name']} {path.parent.name} (step {obj['step']})"
     return Entry(label, method.eval(), cfg, obj["data_stats"]["mean"], obj["data_stats"]["std"])
