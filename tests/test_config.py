@@ -29,7 +29,8 @@ def test_unknown_key_names_the_nearest(override, nearest):
 
 
 def test_overrides_are_typed():
-    cfg = load_config(None, ["train.steps=12", "model.img_size=[28,32]", "train.compile=true", "optim.clip_grad=null"])
+    cfg = load_config(None, ["train.steps=12", "model.img_size=[28,32]", "model.patch_size=4", "train.compile=true",
+                             "optim.clip_grad=null"])
     assert cfg.train.steps == 12 and cfg.model.img_size == [28, 32] and cfg.train.compile is True
     assert cfg.optim.clip_grad is None
 

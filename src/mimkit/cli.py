@@ -282,33 +282,54 @@ def main(argv: list[str] | None = None) -> int:
     # ValueError: a setting the model can't take (a mask size, a size name); MIMKIT_DEBUG=1 shows the traceback
     known = (ConfigError, DataError, CheckpointError, CheckpointMismatch, TrainingDiverged, FileExistsError, ValueError)
     try:
-        if args.command == "pretrain":
-            cmd_pretrain(args)
-        elif args.command == "eval" and args.protocol == "recon":
-            print(json.dumps(run_recon(args)))
-        elif args.command == "eval" and args.protocol == "robustness":
-            print(json.dumps(run_robustness(args)))
-        elif args.command == "eval" and args.protocol == "report":
-            from mimkit.eval.report import run_report
-            device = default_device(args.device)
-            run_report(args.runs, args.out, args.data, tuple(args.protocols.split(",")), args.train_limit,
-                       args.test_limit, tuple(int(s) for s in args.severities.split(",")), device=device)
-        elif args.command == "eval":
-            print(json.dumps(run_probe(args, args.protocol)))
-        elif args.command == "visualize":
-            print(json.dumps(run_attention(args)))
-        elif args.command == "export":
-            from mimkit.export import export_encoder
-            weights, meta = export_encoder(args.ckpt, args.out)
-            print(json.dumps({"safetensors": str(weights), "json": str(meta)}))
-        elif args.command == "demo":
-            from mimkit.demo import run_demo
-            run_demo(args.out, args.config, args.steps, args.train_limit, args.device)
+        return _run(args)
     except known as err:
         if os.environ.get("MIMKIT_DEBUG"):
             raise
-        print(f"mimkit: error: {err}", file=sys.stderr)
+        print(f"mimkit: error: {one_sentence(err)}", file=sys.stderr)
         return 2
+    except OSError as err:   # a full or read-only disk, a path that is a file
+        if os.environ.get("MIMKIT_DEBUG"):
+            raise
+        where = f" {err.filename}" if err.filename else ""
+        print(f"mimkit: error: could not access{where} ({err.strerror or err}); check the path, its permissions "
+              f"and free disk space", file=sys.stderr)
+        return 2
+
+
+def one_sentence(err: Exception) -> str:
+    """The error's own sentence; for an error raised in a DataLoader worker, the original one, not the
+    worker's traceback that PyTorch wraps around it."""
+    text = str(err)
+    if "Original Traceback" in text:
+        last = [line for line in text.splitlines() if line.strip()][-1]
+        text = last.split(": ", 1)[1] if ": " in last else last
+    return text
+
+
+def _run(args) -> int:
+    if args.command == "pretrain":
+        cmd_pretrain(args)
+    elif args.command == "eval" and args.protocol == "recon":
+        print(json.dumps(run_recon(args)))
+    elif args.command == "eval" and args.protocol == "robustness":
+        print(json.dumps(run_robustness(args)))
+    elif args.command == "eval" and args.protocol == "report":
+        from mimkit.eval.report import run_report
+        device = default_device(args.device)
+        run_report(args.runs, args.out, args.data, tuple(args.protocols.split(",")), args.train_limit,
+                   args.test_limit, tuple(int(s) for s in args.severities.split(",")), device=device)
+    elif args.command == "eval":
+        print(json.dumps(run_probe(args, args.protocol)))
+    elif args.command == "visualize":
+        print(json.dumps(run_attention(args)))
+    elif args.command == "export":
+        from mimkit.export import export_encoder
+        weights, meta = export_encoder(args.ckpt, args.out)
+        print(json.dumps({"safetensors": str(weights), "json": str(meta)}))
+    elif args.command == "demo":
+        from mimkit.demo import run_demo
+        run_demo(args.out, args.config, args.steps, args.train_limit, args.device)
     return 0
 
 

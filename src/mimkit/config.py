@@ -34,6 +34,7 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     spec: str = "fashion-mnist"             # fashion-mnist | idx:DIR | folder:DIR
+    channels: int | None = None             # folders: convert every image to this many channels (None: majority)
     batch_size: int = 64                    # per device and micro-step
     num_workers: int = 2
     crop_scale: list = field(default_factory=lambda: [0.2, 1.0])   # RandomResizedCrop scale (MAE: 0.2-1)
@@ -52,6 +53,19 @@ class OptimConfig:
     eps: float = 1e-8
     clip_grad: float | None = None
     warmup_epochs: float = 40.0
+    schedule: str = "cosine"                # cosine | multistep (SimMIM's 800-epoch recipes)
+    milestones: list = field(default_factory=lambda: [700])   # multistep: epochs where lr is multiplied by decay_rate
+    decay_rate: float = 0.1
+    groups: dict = field(default_factory=dict)   # per optimiser group: {name: GroupOptimConfig keys}
+
+
+@dataclass
+class GroupOptimConfig:
+    """Settings of one optimiser group (e.g. `optim.groups.discriminator.lr_scale=0.5`); unset = optim.*."""
+    lr_scale: float = 1.0
+    betas: list | None = None
+    weight_decay: float | None = None
+    warmup_epochs: float | None = None
 
 
 @dataclass
@@ -113,7 +127,9 @@ def build_dataclass(cls, data: dict, prefix: str = "", root=None):
     kwargs = {}
     for key, value in data.items():
         if key not in names:
-            raise _unknown_key(prefix + key, _valid_keys(root) + _method_keys(data if cls is Config else {}))
+            candidates = _valid_keys(root) + _method_keys(data if cls is Config else {}) if root is Config else \
+                [prefix + k for k in _valid_keys(cls)]
+            raise _unknown_key(prefix + key, candidates)
         sub = _dataclass_type(cls, key)
         kwargs[key] = build_dataclass(sub, value or {}, f"{prefix}{key}.", root) if sub else \
             _coerce(cls.__dataclass_fields__[key].type, value, prefix + key)
@@ -123,6 +139,8 @@ def build_dataclass(cls, data: dict, prefix: str = "", root=None):
 def _coerce(annotation, value: Any, key: str) -> Any:
     """YAML reads '2e-3' as a string and '1' as an int: make numbers fit the field's declared type."""
     ann = str(annotation)
+    if isinstance(value, str) and ann.startswith("str"):   # e.g. 'auto' where a number is also allowed
+        return value
     if value is None or isinstance(value, bool):
         if isinstance(value, bool) and "bool" not in ann and ann not in ("Any", "typing.Any"):
             raise ConfigError(f"config key '{key}' expects {ann}, got {value!r}")
@@ -176,6 +194,8 @@ def merge(base: dict, extra: dict) -> dict:
 def config_from_dict(data: dict) -> Config:
     cfg = build_dataclass(Config, data)
     validate_method(cfg)
+    validate_groups(cfg)
+    validate_values(cfg)
     return cfg
 
 
@@ -183,7 +203,98 @@ def load_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist; pick one from configs/ (e.g. configs/mae_vit-mini_fmnist-tiny.yaml)")
-    return yaml.safe_load(path.read_text()) or {}
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or "a syntax error"
+        raise ConfigError(f"{path} is not valid YAML{where} ({problem}); fix the file there") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} holds a {type(data).__name__}, not a mapping of sections (method:, model:, data:, "
+                          f"optim:, train:); write the recipe as such a mapping")
+    return data
+
+
+def validate_groups(cfg: Config) -> None:
+    """`optim.groups.NAME.*`: NAME must be one of the method's optimiser groups; keys as GroupOptimConfig."""
+    from mimkit.methods import METHODS
+    method = METHODS[cfg.method.get("name", "mae")]
+    names = sorted({g for stage in method.stages for g in stage.groups})
+    groups = {}
+    for name, values in (cfg.optim.groups or {}).items():
+        if name not in names:
+            raise ConfigError(f"optim.groups.{name}: {cfg.method.get('name', 'mae')} has no optimiser group "
+                              f"'{name}'; its groups are {', '.join(names)}")
+        if isinstance(values, GroupOptimConfig):
+            values = dataclasses.asdict(values)
+        groups[name] = build_dataclass(GroupOptimConfig, values or {}, f"optim.groups.{name}.", GroupOptimConfig)
+    cfg.optim.groups = groups
+
+
+def _check(ok: bool, key: str, value, rule: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value!r} is out of range: it must be {rule}")
+
+
+def validate_values(cfg: Config) -> None:
+    """Range checks of every value whose type alone does not make it valid; one sentence per problem."""
+    m, d, o, t = cfg.model, cfg.data, cfg.optim, cfg.train
+    _check(m.arch in ("vit", "swin"), "model.arch", m.arch, "vit or swin")
+    _check(m.pool in ("cls", "mean"), "model.pool", m.pool, "cls or mean")
+    size = m.img_size if isinstance(m.img_size, list) else [m.img_size, m.img_size]
+    _check(len(size) == 2 and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in size),
+           "model.img_size", m.img_size, "a positive [height, width] in pixels, e.g. [224, 224]")
+    m.img_size = list(size)
+    _check(m.patch_size >= 1, "model.patch_size", m.patch_size, "a positive number of pixels")
+    _check(size[0] % m.patch_size == 0 and size[1] % m.patch_size == 0, "model.patch_size", m.patch_size,
+           f"a divisor of both sides of model.img_size={size}")
+    for key in ("embed_dim", "depth", "num_heads"):
+        value = getattr(m, key)
+        _check(value is None or value >= 1, f"model.{key}", value, "a positive integer or null")
+    _check(0 <= m.drop_path < 1, "model.drop_path", m.drop_path, "in [0, 1)")
+    _check(d.channels is None or d.channels >= 1, "data.channels", d.channels, "a positive integer or null")
+    _check(d.batch_size >= 1, "data.batch_size", d.batch_size, "at least 1")
+    _check(d.num_workers >= 0, "data.num_workers", d.num_workers, "0 or more")
+    _check(len(d.crop_scale) == 2 and 0 < d.crop_scale[0] <= d.crop_scale[1] <= 1, "data.crop_scale", d.crop_scale,
+           "[low, high] with 0 < low <= high <= 1")
+    _check(len(d.crop_ratio) == 2 and 0 < d.crop_ratio[0] <= d.crop_ratio[1], "data.crop_ratio", d.crop_ratio,
+           "[low, high] with 0 < low <= high")
+    _check(o.base_lr > 0, "optim.base_lr", o.base_lr, "positive")
+    _check(o.min_lr >= 0, "optim.min_lr", o.min_lr, "0 or more")
+    _check(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "0 or more")
+    _check(o.eps > 0, "optim.eps", o.eps, "positive")
+    _check(o.clip_grad is None or o.clip_grad > 0, "optim.clip_grad", o.clip_grad, "positive or null (no clipping)")
+    _check(o.warmup_epochs >= 0, "optim.warmup_epochs", o.warmup_epochs, "0 or more")
+    _check(o.schedule in ("cosine", "multistep"), "optim.schedule", o.schedule, "cosine or multistep")
+    _check(all(v > 0 for v in o.milestones), "optim.milestones", o.milestones, "a list of positive epochs")
+    _check(0 < o.decay_rate <= 1, "optim.decay_rate", o.decay_rate, "in (0, 1]")
+    for name, group in o.groups.items():
+        _check(group.lr_scale > 0, f"optim.groups.{name}.lr_scale", group.lr_scale, "positive")
+        _check(group.weight_decay is None or group.weight_decay >= 0, f"optim.groups.{name}.weight_decay",
+               group.weight_decay, "0 or more")
+        _check(group.warmup_epochs is None or group.warmup_epochs >= 0, f"optim.groups.{name}.warmup_epochs",
+               group.warmup_epochs, "0 or more")
+        if group.betas is not None:
+            _check_betas(group.betas, f"optim.groups.{name}.betas")
+    _check_betas(o.betas, "optim.betas")
+    _check(t.epochs > 0, "train.epochs", t.epochs, "positive")
+    _check(t.steps is None or t.steps >= 1, "train.steps", t.steps, "at least 1 (or null to follow train.epochs)")
+    _check(t.warmup_steps is None or t.warmup_steps >= 0, "train.warmup_steps", t.warmup_steps, "0 or more")
+    _check(t.accum_steps >= 1, "train.accum_steps", t.accum_steps, "at least 1")
+    _check(t.precision in ("auto", "bf16", "fp32"), "train.precision", t.precision, "auto, bf16 or fp32")
+    _check(t.log_every >= 1, "train.log_every", t.log_every, "at least 1")
+    _check(t.ckpt_every >= 1, "train.ckpt_every", t.ckpt_every, "at least 1 (--ckpt-every)")
+    _check(t.keep_every >= 0, "train.keep_every", t.keep_every, "0 (only at the end) or more")
+    _check(t.sample_every >= 0, "train.sample_every", t.sample_every, "0 (never) or more")
+    _check(t.nan_patience >= 1, "train.nan_patience", t.nan_patience, "at least 1")
+
+
+def _check_betas(betas, key: str) -> None:
+    _check(isinstance(betas, list) and len(betas) == 2 and all(0 <= b < 1 for b in betas), key, betas,
+           "two numbers in [0, 1), e.g. [0.9, 0.95]")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
@@ -211,5 +322,12 @@ def method_options(cfg: Config):
     for key in cfg.method:
         if key != "name" and key not in fields:
             raise _unknown_key(f"method.{key}", [f"method.{f}" for f in fields] + ["method.name"])
-    return options_cls(**{k: _coerce(options_cls.__dataclass_fields__[k].type, v, f"method.{k}")
+    opts = options_cls(**{k: _coerce(options_cls.__dataclass_fields__[k].type, v, f"method.{k}")
                           for k, v in cfg.method.items() if k != "name"})
+    for f in dataclasses.fields(opts):
+        value = getattr(opts, f.name)
+        if f.name.endswith("mask_ratio") and value is not None:
+            _check(0 < value < 1, f"method.{f.name}", value, "in (0, 1): the share of patches hidden")
+        elif f.name.endswith(("_weight", "_std")) and isinstance(value, (int, float)) and not isinstance(value, bool):
+            _check(value >= 0, f"method.{f.name}", value, "0 or more")
+    return opts

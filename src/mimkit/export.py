@@ -24,7 +24,7 @@ def method_from_checkpoint(obj: dict, random_init_seed: int | None = None):
         torch.manual_seed(random_init_seed)
     method = build_method(cfg, obj["in_chans"])
     if random_init_seed is None:
-        method.load_state_dict(obj["model"])
+        method.load_run_state(obj["model"])
     return method, cfg
 
 

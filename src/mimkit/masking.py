@@ -10,10 +10,12 @@ import math
 import torch
 
 
-def random_mask(batch: int, grid: tuple[int, int], ratio: float, device: torch.device | str) -> torch.Tensor:
-    """MAE's per-sample uniform random masking: exactly round(L * ratio) masked patches per image."""
+def random_mask(batch: int, grid: tuple[int, int], ratio: float, device: torch.device | str,
+                count: int | None = None) -> torch.Tensor:
+    """MAE's per-sample uniform random masking: exactly `count` masked patches per image (default MAE's
+    `num_masked(L, ratio)`)."""
     num_patches = grid[0] * grid[1]
-    count = num_masked(num_patches, ratio)
+    count = num_masked(num_patches, ratio) if count is None else count
     noise = torch.rand(batch, num_patches, device=device)
     ranks = noise.argsort(dim=1).argsort(dim=1)  # rank of each patch's noise
     return ranks < count
@@ -29,7 +31,9 @@ def simmim_mask(batch: int, grid: tuple[int, int], ratio: float, mask_patch_px: 
     if grid[0] % sh or grid[1] % sw:
         raise ValueError(f"the patch grid {grid[0]}x{grid[1]} is not divisible by the mask patch ({sh}x{sw} patches); "
                          f"choose method.mask_patch_size so that the image size is a multiple of it")
-    coarse = random_mask(batch, (grid[0] // sh, grid[1] // sw), ratio, device).reshape(batch, grid[0] // sh, grid[1] // sw)
+    coarse_grid = (grid[0] // sh, grid[1] // sw)
+    count = math.ceil(coarse_grid[0] * coarse_grid[1] * ratio)   # SimMIM's MaskGenerator: ceil(token_count * ratio)
+    coarse = random_mask(batch, coarse_grid, ratio, device, count).reshape(batch, grid[0] // sh, grid[1] // sw)
     fine = coarse.repeat_interleave(sh, dim=1).repeat_interleave(sw, dim=2)
     return fine.reshape(batch, grid[0] * grid[1])
 
@@ -45,7 +49,7 @@ def block_mask(batch: int, grid: tuple[int, int], ratio: float, device: torch.de
     """
     gh, gw = grid
     num_patches = gh * gw
-    target = num_masked(num_patches, ratio)
+    target = int(round(num_patches * ratio))
     min_block = min(min_block, max(1, target))
     rows = torch.arange(gh, device=device).view(1, gh, 1)
     cols = torch.arange(gw, device=device).view(1, 1, gw)
@@ -71,12 +75,17 @@ def block_mask(batch: int, grid: tuple[int, int], ratio: float, device: torch.de
 
 
 def num_masked(num_patches: int, ratio: float) -> int:
-    """How many patches every mask generator here hides: round(L * ratio)."""
-    return int(round(num_patches * ratio))
+    """How many patches MAE hides: L - int(L * (1 - ratio)), as the official code keeps int(L * (1 - ratio))."""
+    return num_patches - int(num_patches * (1 - ratio))
 
 
 def visible_indices(mask: torch.Tensor, num_visible: int) -> torch.Tensor:
-    """Indices [B, num_visible] of the unmasked patches in ascending order (the count is passed in: no host sync)."""
+    """Indices [B, num_visible] of the unmasked patches in ascending order.
+
+    The count is passed in (no host sync); the mask is checked against it on the device, so a mask with
+    another count (e.g. made by other code) fails instead of leaking masked patches into the encoder."""
+    torch._assert_async((~mask).sum(1).eq(num_visible).all(),
+                        f"the mask does not leave exactly {num_visible} visible patches per image")
     order = torch.argsort(mask.to(torch.int8), dim=1, stable=True)  # visible (0) first, each group in patch order
     return order[:, :num_visible]
 

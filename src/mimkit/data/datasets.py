@@ -2,13 +2,14 @@
 
 Every dataset yields (image, label, skipped): image is a uint8 [C, H, W] tensor (float for .npy arrays),
 label an int (-1 when unlabelled), skipped 1 when the requested file could not be decoded and a
-neighbour was returned instead (the trainer counts these).
+neighbour was returned instead (the trainer counts these). 16-bit images become float in [0, 1].
 """
 from __future__ import annotations
 
 import gzip
 import os
 import struct
+import sys
 import warnings
 from pathlib import Path
 
@@ -87,7 +88,7 @@ class ImageFolderDataset(Dataset):
     flagged, so the trainer can count them. `.npy` files hold [C, H, W] arrays (any channel count).
     """
 
-    def __init__(self, root: str | Path, channels: int | None = None):
+    def __init__(self, root: str | Path, channels: int | None = None, announce=None):
         root = Path(root)
         if not root.is_dir():
             raise DataError(f"image folder {root} does not exist; check the path given to --data folder:DIR")
@@ -107,27 +108,37 @@ class ImageFolderDataset(Dataset):
         self.root, self.files, self.labels, self.classes = root, files, labels, classes
         self.num_classes = len(classes) if classes else 0
         self.skipped = 0
-        first = self._first_decodable()
-        self.channels = channels or first.shape[0]
-        self.mean, self.std = self._estimate_stats()
+        sample = self._decodable_sample()
+        found = sorted({x.shape[0] for x in sample})
+        self.channels = channels or max(found, key=lambda c: sum(x.shape[0] == c for x in sample))
+        self.dtype = sample[0].dtype       # uint8, or float32 for 16-bit images and arrays
+        if found != [self.channels]:
+            what = f"mixes images with {' and '.join(map(str, found))} channels" if len(found) > 1 else \
+                f"holds {found[0]}-channel images"
+            (announce or _note)(f"{root} {what}; converting every image to {self.channels} channels "
+                                f"({'data.channels' if channels else 'the majority'}; set data.channels to choose)")
+        self.mean, self.std = self._estimate_stats([self._conform(x, self.files[0]) for x in sample])
 
-    def _first_decodable(self) -> torch.Tensor:
-        for path in self.files[:64]:
-            try:
-                return self.load(path)
-            except Exception:
-                continue
-        raise DataError(f"none of the first 64 files in {self.root} could be decoded; check that they are images")
-
-    def _estimate_stats(self, count: int = 256) -> tuple[list, list]:
+    def _decodable_sample(self, count: int = 256) -> list[torch.Tensor]:
+        """Up to `count` decoded images spread over the folder (for the channel count and mean/std)."""
         step = max(1, len(self.files) // count)
-        sums, sq, n = None, None, 0
+        sample = []
         for path in self.files[::step][:count]:
             try:
-                x = self.load(path).float()
+                sample.append(self.load(path))
+            except DataError:
+                raise
             except Exception:
                 continue
-            x = x / 255 if self.is_uint8 else x
+        if not sample:
+            raise DataError(f"none of the sampled files in {self.root} could be decoded; check that they are images")
+        return sample
+
+    @staticmethod
+    def _estimate_stats(sample: list[torch.Tensor]) -> tuple[list, list]:
+        sums, sq, n = None, None, 0
+        for x in sample:
+            x = x.float() / 255 if x.dtype == torch.uint8 else x.float()
             flat = x.reshape(x.shape[0], -1)
             sums = flat.sum(1) if sums is None else sums + flat.sum(1)
             sq = (flat ** 2).sum(1) if sq is None else sq + (flat ** 2).sum(1)
@@ -136,26 +147,39 @@ class ImageFolderDataset(Dataset):
         std = (sq / n - mean ** 2).clamp(min=1e-6).sqrt()
         return mean.tolist(), std.tolist()
 
-    @property
-    def is_uint8(self) -> bool:
-        return self.files[0].suffix.lower() not in ARRAY_EXTENSIONS
-
-    def load(self, path: Path) -> torch.Tensor:
+    @staticmethod
+    def load(path: Path) -> torch.Tensor:
+        """One file as [C, H, W]: uint8 for 8-bit images, float32 in [0, 1] for 16-bit ones, float32 as stored
+        for .npy arrays (which must be finite)."""
         if path.suffix.lower() in ARRAY_EXTENSIONS:
-            arr = np.load(path)
+            arr = np.load(path, allow_pickle=False)
             if arr.ndim == 2:
                 arr = arr[None]
-            return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
+            arr = np.ascontiguousarray(arr, dtype=np.float32)
+            if not np.isfinite(arr).all():
+                raise DataError(f"{path} holds NaN or infinite values; fix or remove that file")
+            return torch.from_numpy(arr)
         from PIL import Image
         with Image.open(path) as img:
             img.load()
-            if img.mode not in ("L", "RGB", "RGBA", "I;16", "I", "F"):
-                img = img.convert("RGB")
-            if img.mode in ("I;16", "I", "F"):
-                img = img.convert("L")
-            arr = np.asarray(img, dtype=np.uint8)
+            if img.mode.startswith("I;16") or img.mode == "I":     # 16-bit PNG/TIFF: scale the full range to [0, 1]
+                arr = np.asarray(img).astype(np.float32) / 65535.0
+            elif img.mode == "F":
+                arr = np.asarray(img, dtype=np.float32)
+            else:
+                if img.mode not in ("L", "RGB", "RGBA"):
+                    img = img.convert("RGBA" if "A" in img.getbands() else "RGB")
+                arr = np.asarray(img, dtype=np.uint8)
         tensor = torch.from_numpy(arr.copy())
         return tensor.unsqueeze(0) if tensor.ndim == 2 else tensor.permute(2, 0, 1).contiguous()
+
+    def _conform(self, image: torch.Tensor, path: Path) -> torch.Tensor:
+        """The dataset's channel count and dtype (8-bit and 16-bit files may be mixed)."""
+        if image.shape[0] != self.channels:
+            image = _match_channels(image, self.channels, path)
+        if image.dtype != self.dtype:
+            image = image.float() / 255 if image.dtype == torch.uint8 else (image * 255).round().clamp(0, 255).to(torch.uint8)
+        return image
 
     def __len__(self) -> int:
         return len(self.files)
@@ -165,22 +189,31 @@ class ImageFolderDataset(Dataset):
             i = (index + offset) % len(self.files)
             try:
                 image = self.load(self.files[i])
+            except DataError:
+                raise
             except Exception as err:  # undecodable file: warn, count, use a neighbour
                 warnings.warn(f"skipping {self.files[i]}: it could not be decoded ({type(err).__name__}: {err})")
                 continue
-            if image.shape[0] != self.channels:
-                image = _match_channels(image, self.channels, self.files[i])
-            return image, self.labels[i], int(offset > 0)
+            return self._conform(image, self.files[i]), self.labels[i], int(offset > 0)
         raise DataError(f"no image in {self.root} could be decoded")
 
 
+def _note(message: str) -> None:
+    print(f"mimkit: note: {message}", file=sys.stderr, flush=True)
+
+
 def _match_channels(image: torch.Tensor, channels: int, path: Path) -> torch.Tensor:
-    if channels == 1 and image.shape[0] in (3, 4):
-        return image[:3].float().mean(0, keepdim=True).round().to(image.dtype)
-    if channels == 3 and image.shape[0] == 1:
-        return image.expand(3, -1, -1).contiguous()
-    if channels == 3 and image.shape[0] == 4:
-        return image[:3].contiguous()
+    """Grayscale, RGB and RGBA into one another (gray = mean of RGB; alpha dropped, or opaque when added)."""
+    have = image.shape[0]
+    if have in (1, 3, 4) and channels in (1, 3, 4):
+        if channels == 1:
+            gray = image[:3].float().mean(0, keepdim=True)
+            return gray.round().to(image.dtype) if image.dtype == torch.uint8 else gray
+        rgb = image.expand(3, -1, -1) if have == 1 else image[:3]
+        if channels == 3:
+            return rgb.contiguous()
+        opaque = torch.full_like(image[:1], 255 if image.dtype == torch.uint8 else 1)
+        return image.contiguous() if have == 4 else torch.cat([rgb, opaque])
     raise DataError(f"{path} has {image.shape[0]} channels but the dataset has {channels}; "
                     f"store all images with the same channel count")
 
@@ -216,8 +249,9 @@ def resolve_spec(spec: str) -> tuple[str, Path]:
     return kind, Path(path).expanduser()
 
 
-def build_dataset(spec: str, split: str = "train"):
-    """The dataset a spec names; for folders, DIR/train and DIR/val (or DIR/test) are the splits when present."""
+def build_dataset(spec: str, split: str = "train", channels: int | None = None):
+    """The dataset a spec names; for folders, DIR/train and DIR/val (or DIR/test) are the splits when present.
+    `channels` (data.channels) converts a folder's images to that many channels."""
     kind, path = resolve_spec(spec)
     if kind == "synthetic":
         try:
@@ -228,8 +262,8 @@ def build_dataset(spec: str, split: str = "train"):
     if kind == "idx":
         return IDXDataset(path, split)
     if split == "train":
-        return ImageFolderDataset(path / "train" if (path / "train").is_dir() else path)
+        return ImageFolderDataset(path / "train" if (path / "train").is_dir() else path, channels)
     for name in ("val", "test"):
         if (path / name).is_dir():
-            return ImageFolderDataset(path / name)
+            return ImageFolderDataset(path / name, channels)
     raise DataError(f"{path} has no 'val' or 'test' sub-folder; evaluation needs DIR/train and DIR/val with class sub-folders")

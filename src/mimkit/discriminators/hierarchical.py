@@ -29,23 +29,33 @@ class CNNPatchHead(nn.Module):
 
 
 class HierarchicalDiscriminator(nn.Module):
-    """forward(images) -> (patch logits [B, L], image logits [B]); logit > 0 means "original"."""
+    """forward(images) -> (patch logits [B, L], image logits [B]); logit > 0 means "original".
 
-    def __init__(self, backbone: ViTBackbone | SwinBackbone, patch_head_hidden: int | None = None):
+    A level whose head is switched off (Vision ELECTRA's Table 3 ablations) has no head and returns None."""
+
+    def __init__(self, backbone: ViTBackbone | SwinBackbone, patch_head_hidden: int | None = None,
+                 patch_head: bool = True, image_head: bool = True):
         super().__init__()
         self.backbone = backbone
-        self.patch_head = CNNPatchHead(backbone.embed_dim, patch_head_hidden)
-        self.image_head = nn.Linear(backbone.embed_dim, 1)
+        self.patch_head = CNNPatchHead(backbone.embed_dim, patch_head_hidden) if patch_head else None
+        self.image_head = nn.Linear(backbone.embed_dim, 1) if image_head else None
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         feats = self.backbone.forward_features(images)
+        patch_logits = image_logits = None
         if isinstance(self.backbone, ViTBackbone):                                  # [B, 1+L, D]
-            gh, gw = self.backbone.grid
-            patches = feats[:, self.backbone.num_prefix:]
-            grid_map = patches.transpose(1, 2).reshape(feats.shape[0], -1, gh, gw)
-            patch_logits = self.patch_head(grid_map).flatten(1)                     # micro level [B, L]
-            return patch_logits, self.image_head(feats[:, 0]).squeeze(-1)          # macro level (CLS)
-        cells = self.patch_head(feats.permute(0, 3, 1, 2))                          # Swin: [B, 1, h, w]
-        sh, sw = self.backbone.grid[0] // cells.shape[-2], self.backbone.grid[1] // cells.shape[-1]
-        patch_logits = cells.repeat_interleave(sh, dim=2).repeat_interleave(sw, dim=3).flatten(1)
-        return patch_logits, self.image_head(feats.mean(dim=(1, 2))).squeeze(-1)
+            if self.patch_head is not None:
+                gh, gw = self.backbone.grid
+                patches = feats[:, self.backbone.num_prefix:]
+                grid_map = patches.transpose(1, 2).reshape(feats.shape[0], -1, gh, gw)
+                patch_logits = self.patch_head(grid_map).flatten(1)                 # micro level [B, L]
+            if self.image_head is not None:
+                image_logits = self.image_head(feats[:, 0]).squeeze(-1)            # macro level (CLS)
+            return patch_logits, image_logits
+        if self.patch_head is not None:
+            cells = self.patch_head(feats.permute(0, 3, 1, 2))                      # Swin: [B, 1, h, w]
+            sh, sw = self.backbone.grid[0] // cells.shape[-2], self.backbone.grid[1] // cells.shape[-1]
+            patch_logits = cells.repeat_interleave(sh, dim=2).repeat_interleave(sw, dim=3).flatten(1)
+        if self.image_head is not None:
+            image_logits = self.image_head(feats.mean(dim=(1, 2))).squeeze(-1)
+        return patch_logits, image_logits

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 from pathlib import Path
 
@@ -14,15 +15,20 @@ class CheckpointError(ValueError):
 
 def save_atomic(obj, path: str | Path) -> None:
     """torch.save to a temporary file in the same folder, fsync, then rename over `path`: a crash mid-write
-    leaves the previous checkpoint intact."""
+    leaves the previous checkpoint intact, and a failed write (full or read-only disk) leaves no partial file."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise CheckpointError(f"could not write {path} ({err.strerror or err}); free disk space or choose a "
+                              f"writable --out (the previous checkpoint, if any, is intact)") from None
 
 
 def load_checkpoint(path: str | Path) -> dict:
@@ -40,6 +46,49 @@ def load_checkpoint(path: str | Path) -> dict:
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a state dict; save model.state_dict() instead")
     return obj
+
+
+def find_resume_checkpoint(run: Path, warn=print) -> tuple[Path, dict] | None:
+    """RUN/last.pt, or when it can't be read (torn by a crash or a full disk) the newest readable
+    RUN/checkpoint-STEP.pt, with a warning: (path, checkpoint); None when the run has no checkpoint at all."""
+    candidates = [run / "last.pt"] + sorted(run.glob("checkpoint-*.pt"), reverse=True)
+    existing = [p for p in candidates if p.is_file()]
+    for path in existing:
+        try:
+            obj = load_checkpoint(path)
+        except CheckpointError:
+            warn(f"warning: {path} can't be read (truncated?); trying an older checkpoint")
+            continue
+        if path.name != "last.pt" and existing[0].name == "last.pt":
+            warn(f"warning: resuming from {path.name} (step {obj.get('step')}): the steps after it are run again")
+        return path, obj
+    if existing:
+        raise CheckpointError(f"no checkpoint in {run} can be read ({', '.join(p.name for p in existing)}); "
+                              f"start a new run with another --out")
+    return None
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def frozen_sources(method) -> dict:
+    """{part: {"path", "sha256"}} for a method's frozen parts, stored in run checkpoints instead of the weights."""
+    return {name: {"path": path, "sha256": file_sha256(path)} for name, path in method.frozen_parts.items()}
+
+
+def verify_frozen_sources(method, ckpt: dict, where) -> None:
+    """A resumed run must reload the very files it was trained with."""
+    for name, saved in ckpt.get("frozen", {}).items():
+        path = method.frozen_parts.get(name)
+        if path is None or not Path(path).is_file() or file_sha256(path) != saved["sha256"]:
+            raise CheckpointError(f"{where} was trained with the frozen {name} from {saved['path']} (sha256 "
+                                  f"{saved['sha256'][:12]}), but {path or 'nothing'} differs from it now; point the "
+                                  f"config back at that file")
 
 
 def is_run_checkpoint(obj: dict) -> bool:

@@ -30,6 +30,12 @@ def default_device(requested: str | None = None) -> str:
     """The device to use: the one asked for, else $MIMKIT_DEVICE (e.g. cpu on a GPU machine), else cuda if present."""
     requested = requested or os.environ.get("MIMKIT_DEVICE")
     if requested:
+        kind = requested.split(":")[0]
+        if kind not in ("cpu", "cuda"):
+            raise ValueError(f"unknown device {requested!r}; use cpu or cuda (cuda:N for one GPU)")
+        if kind == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {requested!r} was asked for but PyTorch sees no CUDA GPU; use --device cpu, "
+                             f"or install a CUDA build of PyTorch that matches the driver")
         return requested
     return "cuda" if torch.cuda.is_available() else "cpu"
 

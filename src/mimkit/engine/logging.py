@@ -14,8 +14,8 @@ class MetricsLog:
     def __init__(self, out_dir: Path, resume_step: int | None = None, tensorboard: bool = True):
         self.path = out_dir / "metrics.jsonl"
         if resume_step is not None and self.path.exists():  # drop rows past the checkpoint we resume from
-            rows = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            rows = [line for line in self.path.read_text(errors="replace").splitlines()
+                    if _step_of(line) is not None and _step_of(line) <= resume_step]
             self.path.write_text("".join(r + "\n" for r in rows))
         elif resume_step is None and self.path.exists():
             self.path.unlink()
@@ -42,6 +42,14 @@ class MetricsLog:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+def _step_of(line: str) -> int | None:
+    """The step of one metrics.jsonl line; None for a line torn by a crash or power loss."""
+    try:
+        return int(json.loads(line).get("step", 0))
+    except (ValueError, AttributeError):
+        return None
 
 
 def to_display(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:

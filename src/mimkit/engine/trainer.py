@@ -1,8 +1,9 @@
 """The one training loop for every method.
 
-Per step: fetch `accum_steps` micro-batches, then for each stage the method declares: forward and
-backward over the micro-batches, average gradients across ranks, clip, and step that stage's
-optimisers. Non-finite steps are skipped inside the fused AdamW kernel (no host sync) and counted.
+Per step: fetch `accum_steps` micro-batches, then for each stage the method's schedule chooses for this
+step and epoch: forward and backward over the micro-batches, average gradients across ranks, clip, and
+step that stage's optimisers. Non-finite steps are skipped inside the fused AdamW kernel (no host sync)
+and counted. A method with several stages logs each loss part and gradient norm as `STAGE/name`.
 """
 from __future__ import annotations
 
@@ -14,30 +15,33 @@ from pathlib import Path
 
 import torch
 import yaml
-from timm.scheduler import CosineLRScheduler
+from timm.scheduler import CosineLRScheduler, MultiStepLRScheduler
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import mimkit
-from mimkit.config import Config
+from mimkit.config import Config, GroupOptimConfig
 from mimkit.data import Augmented, EvalTransform, PretrainTransform, ResumableSampler, build_dataset, to_unit_float
 from mimkit.engine import dist as D
-from mimkit.engine.checkpoint import CheckpointError, is_run_checkpoint, load_checkpoint, save_atomic, state_dict_of
+from mimkit.engine.checkpoint import (CheckpointError, find_resume_checkpoint, frozen_sources, is_run_checkpoint,
+                                      load_checkpoint, save_atomic, state_dict_of, verify_frozen_sources)
 from mimkit.engine.logging import MetricsLog, save_rows_grid
 from mimkit.methods import build_method
-from mimkit.methods.base import load_matching
 
 
 class TrainingDiverged(RuntimeError):
     pass
 
 
-def make_optimizer(named_params, cfg: Config, lr: float) -> torch.optim.AdamW:
-    """AdamW, no weight decay on biases and 1-D parameters (norms), as MAE and timm; fused where available."""
-    decay = [p for n, p in named_params if p.ndim > 1 and not n.endswith(".bias")]
-    no_decay = [p for n, p in named_params if p.ndim <= 1 or n.endswith(".bias")]
-    groups = [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": cfg.optim.weight_decay}]
-    kwargs = dict(lr=lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
+def make_optimizer(named_params, cfg: Config, lr: float, group: GroupOptimConfig, no_decay_keys=()) -> torch.optim.AdamW:
+    """AdamW, no weight decay on biases and 1-D parameters (norms), as MAE and timm, nor on parameters whose
+    name holds one of `no_decay_keys` (SimMIM's list); fused where available."""
+    def decays(name, p):
+        return p.ndim > 1 and not name.endswith(".bias") and not any(key in name for key in no_decay_keys)
+    weight_decay = cfg.optim.weight_decay if group.weight_decay is None else group.weight_decay
+    groups = [{"params": [p for n, p in named_params if not decays(n, p)], "weight_decay": 0.0},
+              {"params": [p for n, p in named_params if decays(n, p)], "weight_decay": weight_decay}]
+    kwargs = dict(lr=lr, betas=tuple(group.betas or cfg.optim.betas), eps=cfg.optim.eps)
     try:
         return torch.optim.AdamW(groups, fused=True, **kwargs)
     except (RuntimeError, TypeError):  # old torch or an unsupported device: the host checks the guard instead
@@ -45,17 +49,16 @@ def make_optimizer(named_params, cfg: Config, lr: float) -> torch.optim.AdamW:
 
 
 def load_init(method, path: str | Path) -> str:
-    """Initialises `method` from a mimkit run, an export, or an official MAE/SimMIM release checkpoint."""
+    """Initialises `method` from a mimkit run, an export, or an official MAE/SimMIM release checkpoint;
+    returns the per-module report (raises when a required module would stay at its init)."""
+    from mimkit.pretrained import load_parts
     obj = load_checkpoint(path)
-    state = method.convert_checkpoint(state_dict_of(obj))
-    missing, unexpected = load_matching(method, state, str(path))
-    loaded = len(state) - len(unexpected)
-    if loaded == 0:
-        raise CheckpointError(f"no parameter of {path} matches this {type(method).__name__} model; "
-                              f"is it a checkpoint of a different architecture or method?")
-    kind = "mimkit run" if is_run_checkpoint(obj) else "release checkpoint"
-    return (f"initialised from {kind} {path}: {loaded} tensors loaded, {len(missing)} left at their init, "
-            f"{len(unexpected)} unused")
+    kind = "mimkit run" if is_run_checkpoint(obj) else "checkpoint"
+    return load_parts(method.pretrained_parts(state_dict_of(obj)), f"{kind} {path}")
+
+
+class RunDirError(ValueError):
+    """--out can't hold a run (a file, unwritable), with the fix."""
 
 
 class Trainer:
@@ -67,7 +70,7 @@ class Trainer:
         self.quiet = quiet or not self.dist.is_main
         t = cfg.train
 
-        self.dataset = build_dataset(cfg.data.spec, "train")
+        self.dataset = build_dataset(cfg.data.spec, "train", channels=cfg.data.channels)
         self.in_chans = self.dataset.channels
         mean = cfg.data.mean or self.dataset.mean
         std = cfg.data.std or self.dataset.std
@@ -77,11 +80,34 @@ class Trainer:
         self.mean = torch.tensor(mean, device=self.device).view(1, -1, 1, 1)
         self.std = torch.tensor(std, device=self.device).view(1, -1, 1, 1)
 
+        if self.out.exists() and not self.out.is_dir():
+            raise RunDirError(f"--out {self.out} is a file; give a directory for the run (it is created if missing)")
+        found = find_resume_checkpoint(self.out, warn=self._print) if resume and self.out.is_dir() else None
+        resume_from, ckpt = found or (None, None)
+        if resume and found is None:
+            self._print(f"--resume: {self.out} holds no run yet (no last.pt); starting fresh")
+        elif not resume and (self.out / "last.pt").exists():
+            raise FileExistsError(f"{self.out} already holds a run (last.pt); pass --resume to continue it, "
+                                  f"or choose another --out")
+        if ckpt is not None:
+            if not is_run_checkpoint(ckpt):
+                raise CheckpointError(f"{resume_from} is not a mimkit run checkpoint; use --init to start from foreign weights")
+            for key, value in list(cfg.method.items()):   # options resolved at the first start ("auto") stay resolved
+                if value == "auto" and ckpt["config"]["method"].get(key, "auto") != "auto":
+                    cfg.method[key] = ckpt["config"]["method"][key]
+
         torch.manual_seed(t.seed)  # same initial weights on every rank
         self.method = build_method(cfg, self.in_chans).to(self.device)
-        if init:
-            message = load_init(self.method, init)
-            self._print(message)
+        if ckpt is None:
+            reports = ([load_init(self.method, init)] if init else []) + self.method.load_initial_weights()
+            for report in reports:
+                self._print(report)
+        else:
+            verify_frozen_sources(self.method, ckpt, resume_from)
+            trainable = set(ckpt.get("trainable", []))
+            for name, p in self.method.named_parameters():   # what an init made trainable (a learnt position table)
+                if trainable:
+                    p.requires_grad_(name in trainable)
         D.broadcast_module(self.method)
 
         self.global_batch = cfg.data.batch_size * t.accum_steps * self.dist.world_size
@@ -96,6 +122,7 @@ class Trainer:
         warmup = t.warmup_steps if t.warmup_steps is not None else \
             round(cfg.optim.warmup_epochs * self.steps_per_epoch * self.total_steps / max(recipe_steps, 1))
         self.warmup_steps = min(warmup, max(self.total_steps - 1, 0))
+        self.recipe_steps = recipe_steps
         self.lr = cfg.optim.base_lr * self.global_batch / 256
 
         groups = self.method.optim_groups()
@@ -103,17 +130,17 @@ class Trainer:
         seen = [id(p) for params in self.params.values() for p in params]
         if len(seen) != len(set(seen)):
             raise RuntimeError(f"{type(self.method).__name__}.optim_groups puts a parameter in two groups")
-        self.optimizers = {g: make_optimizer(named, cfg, self.lr) for g, named in groups.items()}
-        self.schedulers = {g: CosineLRScheduler(opt, t_initial=max(self.total_steps - self.warmup_steps, 1),
-                                                lr_min=cfg.optim.min_lr, warmup_t=self.warmup_steps, warmup_lr_init=0.0,
-                                                warmup_prefix=True, t_in_epochs=False)
-                           for g, opt in self.optimizers.items()}
+        self.optimizers, self.schedulers = {}, {}
+        for g, named in groups.items():
+            group_cfg = cfg.optim.groups.get(g, GroupOptimConfig())
+            self.optimizers[g] = make_optimizer(named, cfg, self.lr * group_cfg.lr_scale, group_cfg,
+                                                self.method.no_weight_decay_keys)
+            self.schedulers[g] = self._scheduler(self.optimizers[g], group_cfg)
+        self.multi_stage = len(self.method.stages) > 1
         self.fused = all(opt.defaults.get("fused") for opt in self.optimizers.values())
 
         cuda = self.device.type == "cuda"
         bf16 = t.precision == "bf16" or (t.precision == "auto" and cuda)
-        if t.precision not in ("auto", "bf16", "fp32"):
-            raise ValueError(f"train.precision must be auto, bf16 or fp32, not {t.precision!r}")
         self.autocast = (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16)) if bf16 else nullcontext
         self.forward = torch.compile(self.method) if t.compile else self.method
 
@@ -124,21 +151,31 @@ class Trainer:
         self.skipped_images = 0
         self.start_step = 0
         self._restored_rng = None
-        last = self.out / "last.pt"
         if self.dist.is_main and self.out.is_dir():  # a save cut short by a crash leaves only its temporary file
             for stale in self.out.glob(".*.pt.tmp*"):
                 stale.unlink(missing_ok=True)
-        if resume and last.exists():
-            self._restore(last)
-        elif not resume and last.exists():
-            raise FileExistsError(f"{self.out} already holds a run (last.pt); pass --resume to continue it, "
-                                  f"or choose another --out")
+        if ckpt is not None:
+            self._restore(ckpt, resume_from)
         torch.manual_seed(t.seed + 1 + self.dist.rank)  # masks and drop-path differ across ranks
         if self._restored_rng is not None:
             torch.set_rng_state(self._restored_rng["cpu"])
             if cuda and "cuda" in self._restored_rng:
                 torch.cuda.set_rng_state(self._restored_rng["cuda"], self.device)
         self.sample_images = self._fixed_sample_batch()
+
+    def _scheduler(self, optimizer, group: GroupOptimConfig):
+        """Warm-up (the group's own, else optim.warmup_epochs) then cosine or SimMIM's multistep decay; a
+        compressed run (train.steps) keeps every epoch-based point at its share of the recipe."""
+        o = self.cfg.optim
+        share = self.total_steps / max(self.recipe_steps, 1)
+        warmup = self.warmup_steps if group.warmup_epochs is None else \
+            min(round(group.warmup_epochs * self.steps_per_epoch * share), max(self.total_steps - 1, 0))
+        if o.schedule == "multistep":
+            milestones = [round(m * self.steps_per_epoch * share) for m in o.milestones]
+            return MultiStepLRScheduler(optimizer, decay_t=[m - warmup for m in milestones], decay_rate=o.decay_rate,
+                                        warmup_t=warmup, warmup_lr_init=0.0, warmup_prefix=True, t_in_epochs=False)
+        return CosineLRScheduler(optimizer, t_initial=max(self.total_steps - warmup, 1), lr_min=o.min_lr,
+                                 warmup_t=warmup, warmup_lr_init=0.0, warmup_prefix=True, t_in_epochs=False)
 
     # ------------------------------------------------------------------ data
     def _micro_batches(self, start_micro: int):
@@ -177,6 +214,7 @@ class Trainer:
         log = MetricsLog(self.out, self.start_step if self.start_step else None) if self.dist.is_main else None
         batches = self._micro_batches(self.start_step * t.accum_steps)
         running: dict[str, torch.Tensor] = {}
+        counts: dict[str, int] = {}        # steps each running value was added in (a stage may skip steps)
         interactive = sys.stderr.isatty() and not self.quiet
         bar = tqdm(total=self.total_steps, initial=self.start_step, disable=not interactive, dynamic_ncols=True)
         last_row: dict = {}
@@ -188,15 +226,15 @@ class Trainer:
             self.skipped_images += sum(int(m[2].sum()) for m in micro)
             for scheduler in self.schedulers.values():
                 scheduler.step_update(step)
-            self._step(images, running)
+            self._step(images, running, counts, step)
             step_done = step + 1
             images_seen += sum(x.shape[0] for x in images) * self.dist.world_size
             steps_since_log += 1
             bar.update(1)
             if step_done % t.log_every == 0 or step_done == self.total_steps:
                 elapsed = time.perf_counter() - tick
-                last_row = self._log_row(step_done, running, steps_since_log, images_seen / max(elapsed, 1e-9))
-                running, steps_since_log, images_seen, tick = {}, 0, 0, time.perf_counter()
+                last_row = self._log_row(step_done, running, counts, images_seen / max(elapsed, 1e-9))
+                running, counts, steps_since_log, images_seen, tick = {}, {}, 0, 0, time.perf_counter()
                 if log is not None:
                     log.write(last_row)
                     bar.set_postfix(loss=f"{last_row['loss']:.4f}", img_s=f"{last_row['img_per_s']:.0f}")
@@ -227,28 +265,40 @@ class Trainer:
             log.close()
         return last_row
 
-    def _step(self, images: list[torch.Tensor], running: dict) -> None:
+    def _step(self, images: list[torch.Tensor], running: dict, counts: dict, step: int) -> None:
         accum = len(images)
-        carries = [{} for _ in images]
+        epoch = step // self.steps_per_epoch
+        carries = [{"step": step, "epoch": epoch} for _ in images]
         bad = torch.zeros((), device=self.device)
         total = torch.zeros((), device=self.device)
-        for stage in self.method.stages:
+
+        def add(name: str, value: torch.Tensor) -> None:
+            running[name] = running.get(name, 0) + value
+
+        for stage in self.method.schedule(step, epoch):
+            prefix = f"{stage.name}/" if self.multi_stage else ""
             for params in self.params.values():
                 for p in params:
                     p.grad = None
+            stage_loss = torch.zeros((), device=self.device)
             for x, carry in zip(images, carries):
                 with self.autocast():
                     out = self.forward(x, stage=stage.name, carry=carry)
                 (out["loss"] / accum).backward()
-                total += out["loss"].detach().float() / accum
+                stage_loss += out["loss"].detach().float() / accum
                 for name, value in out["parts"].items():
-                    running[name] = running.get(name, 0) + value.detach().float() / accum
+                    add(prefix + name, value.detach().float() / accum)
+            total += stage_loss
+            names = [prefix + n for n in out["parts"]] + ([f"{prefix}loss"] if self.multi_stage else [])
+            if self.multi_stage:
+                add(f"{prefix}loss", stage_loss)
             for group in stage.groups:
                 params = self.params[group]
                 D.average_gradients(params, self.dist.world_size)
                 norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.optim.clip_grad or float("inf"))
                 found_inf = (~torch.isfinite(norm)).float()
-                running[f"grad_norm_{group}"] = running.get(f"grad_norm_{group}", 0) + torch.nan_to_num(norm, 0.0)
+                add(f"{prefix}grad_norm_{group}", torch.nan_to_num(norm, 0.0))
+                names.append(f"{prefix}grad_norm_{group}")
                 optimizer = self.optimizers[group]
                 if self.fused:
                     optimizer.found_inf = found_inf
@@ -256,19 +306,24 @@ class Trainer:
                 elif not found_inf.item():
                     optimizer.step()
                 bad = torch.maximum(bad, found_inf)
-        running["loss"] = running.get("loss", 0) + total
+            for name in names:
+                counts[name] = counts.get(name, 0) + 1
+        add("loss", total)
+        counts["loss"] = counts.get("loss", 0) + 1
         self.nonfinite_total += bad
         self.streak = (self.streak + bad) * bad
         self.max_streak = torch.maximum(self.max_streak, self.streak)
 
-    def _log_row(self, step: int, running: dict, steps: int, img_per_s: float) -> dict:
+    def _log_row(self, step: int, running: dict, counts: dict, img_per_s: float) -> dict:
         names = list(running)
         values = torch.stack([torch.as_tensor(running[n], device=self.device).float() for n in names]
                              + [self.nonfinite_total, self.max_streak]).tolist()   # the one sync per log
         row = {"step": step, "epoch": round(step / self.steps_per_epoch, 4)}
-        row["loss"] = values[names.index("loss")] / steps
-        row.update({n: v / steps for n, v in zip(names, values) if n != "loss"})
+        row["loss"] = values[names.index("loss")] / counts["loss"]
+        row.update({n: v / counts[n] for n, v in zip(names, values) if n != "loss"})
         row["lr"] = next(iter(self.optimizers.values())).param_groups[0]["lr"]
+        if len(self.optimizers) > 1:
+            row.update({f"lr_{g}": opt.param_groups[0]["lr"] for g, opt in self.optimizers.items()})
         row["img_per_s"] = img_per_s
         row["nonfinite_steps"] = int(values[-2])
         row["max_nonfinite_streak"] = int(values[-1])
@@ -304,18 +359,16 @@ class Trainer:
             "format": "mimkit-run", "version": mimkit.__version__, "step": step, "config": self.cfg.to_dict(),
             "in_chans": self.in_chans, "data_stats": {"mean": self.mean.flatten().tolist(),
                                                       "std": self.std.flatten().tolist()},
-            "model": self.method.state_dict(),
+            "model": self.method.trainable_state_dict(), "frozen": frozen_sources(self.method),
+            "trainable": [n for n, p in self.method.named_parameters() if p.requires_grad],
             "optimizers": {g: opt.state_dict() for g, opt in self.optimizers.items()},
             "rng": rng, "world_size": self.dist.world_size,
             "counters": {"nonfinite_total": float(self.nonfinite_total), "skipped_images": self.skipped_images},
         }
         save_atomic(payload, path or self.out / "last.pt")
 
-    def _restore(self, path: Path) -> None:
-        ckpt = load_checkpoint(path)
-        if not is_run_checkpoint(ckpt):
-            raise CheckpointError(f"{path} is not a mimkit run checkpoint; use --init to start from foreign weights")
-        self.method.load_state_dict(ckpt["model"])
+    def _restore(self, ckpt: dict, path: Path) -> None:
+        self.method.load_run_state(ckpt["model"])
         for g, opt in self.optimizers.items():
             opt.load_state_dict(ckpt["optimizers"][g])
         self.start_step = int(ckpt["step"])
@@ -324,7 +377,7 @@ class Trainer:
         self._restored_rng = mine
         self.nonfinite_total.fill_(ckpt["counters"]["nonfinite_total"])
         self.skipped_images = int(ckpt["counters"]["skipped_images"])
-        self._print(f"resuming {self.out} from step {self.start_step}")
+        self._print(f"resuming {self.out} from step {self.start_step}" + (f" ({path.name})" if path.name != "last.pt" else ""))
 
     def _print(self, message: str) -> None:
         if not self.quiet:

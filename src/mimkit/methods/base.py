@@ -5,7 +5,11 @@ A method is an nn.Module that
   and its update order (`stages`): each
   stage runs a forward for the named stage, one backward, and steps the optimisers of its groups;
 - returns {"loss": scalar, "parts": {name: scalar}} from `forward(images, stage, carry)`; `carry` is a
-  dict that lives through one training step, so a later stage can reuse what an earlier one made;
+  dict that lives through one training step, so a later stage can reuse what an earlier one made, and
+  holds the 0-based `step` and `epoch` (loss weights that change over training read them);
+- may choose which stages run at a step (`schedule(step, epoch)`: Perceptual MAE's even epochs, lazy R1);
+  the choice is a function of the step, so a resumed run makes the same ones;
+- registers frozen parts (tokenizers, loss networks) with `register_frozen`;
 - never calls `optimizer.step()` itself: the engine does, in the declared order.
 """
 from __future__ import annotations
@@ -29,7 +33,13 @@ class CheckpointMismatch(ValueError):
 
 class Method(nn.Module):
     options: type = None                     # dataclass of the method's config keys (method.*)
-    stages: tuple[Stage, ...] = (Stage("model", ("model",)),)
+    stages: tuple[Stage, ...] = (Stage("model", ("model",)),)   # every stage the schedule may choose from
+    no_weight_decay_keys: tuple[str, ...] = ()   # parameter-name fragments kept out of weight decay
+
+    def schedule(self, step: int, epoch: int) -> tuple[Stage, ...]:
+        """The stages to run at this step (0-based) and epoch, in order. A pure function of its arguments,
+        so a resumed run makes the same choices. Default: every declared stage, every step."""
+        return self.stages
 
     def optim_groups(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
         """Optimiser group name -> the (name, parameter) pairs it updates; every trainable parameter in one group."""
@@ -44,25 +54,57 @@ class Method(nn.Module):
         """Rows of the sample grid, e.g. [("original", x), ("masked", ...), ("reconstruction", ...)]."""
         raise NotImplementedError
 
-    def convert_checkpoint(self, state_dict: dict) -> dict:
-        """Maps a foreign (e.g. official release) state dict onto this method's keys. Default: as is."""
-        return state_dict
+    def pretrained_parts(self, state_dict: dict) -> list:
+        """The modules `--init FILE` fills from a checkpoint's state dict, as `pretrained.Part`s in the
+        modules' own keys. Default: the encoder alone (required)."""
+        from mimkit.pretrained import Part, encoder_state
+        return [Part("encoder", self.encoder, encoder_state(state_dict, self.encoder))]
+
+    # ------------------------------------------------------------------ frozen parts
+    def register_frozen(self, name: str, module: nn.Module, source: str) -> nn.Module:
+        """Adds a frozen part (tokenizer, loss network) loaded from the file `source`: it stays in eval mode,
+        gets no gradient and no optimiser state, and run checkpoints name it by path and hash instead of
+        storing it (the method reloads it from `source` when it is built again)."""
+        module.requires_grad_(False)
+        module.eval()
+        self.__dict__.setdefault("_frozen_sources", {})[name] = str(source)
+        setattr(self, name, module)
+        return module
+
+    @property
+    def frozen_parts(self) -> dict[str, str]:
+        """Frozen part name -> the file it was loaded from."""
+        return dict(self.__dict__.get("_frozen_sources", {}))
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for name in self.frozen_parts:
+            getattr(self, name).eval()
+        return self
+
+    def trainable_state_dict(self) -> dict:
+        """state_dict without the frozen parts (what a run checkpoint stores)."""
+        prefixes = tuple(f"{name}." for name in self.frozen_parts)
+        return {k: v for k, v in self.state_dict().items() if not (prefixes and k.startswith(prefixes))}
+
+    def load_run_state(self, state: dict) -> None:
+        """Loads a run checkpoint's weights; only the frozen parts (reloaded from their files) may be absent."""
+        result = self.load_state_dict(state, strict=False)
+        prefixes = tuple(f"{name}." for name in self.frozen_parts)
+        missing = [k for k in result.missing_keys if not (prefixes and k.startswith(prefixes))]
+        if missing or result.unexpected_keys:
+            raise CheckpointMismatch(f"the run checkpoint does not fit this {type(self).__name__}: "
+                                     f"{len(missing)} weights missing (e.g. {(missing or ['-'])[0]}), "
+                                     f"{len(result.unexpected_keys)} unexpected (e.g. {(result.unexpected_keys or ['-'])[0]}); "
+                                     f"was it written by another version or method?")
+
+    def load_initial_weights(self) -> list[str]:
+        """Loads the weights the method's own options name (e.g. Vision ELECTRA's `generator_init`); returns
+        one report line per file. Called on a fresh run only: a resumed run has them in its checkpoint."""
+        return []
 
 
-def load_matching(module: nn.Module, state_dict: dict, source: str) -> tuple[list[str], list[str]]:
-    """Loads `state_dict` into `module`, raising one clear error on a shape mismatch.
-
-    Returns (missing, unexpected) key lists; neither is an error here, the caller decides.
-    """
-    own = module.state_dict()
-    for key, value in state_dict.items():
-        if key in own and tuple(own[key].shape) != tuple(value.shape):
-            raise CheckpointMismatch(_mismatch_sentence(key, tuple(value.shape), tuple(own[key].shape), source))
-    result = module.load_state_dict(state_dict, strict=False)
-    return list(result.missing_keys), list(result.unexpected_keys)
-
-
-def _mismatch_sentence(key: str, theirs: tuple, ours: tuple, source: str) -> str:
+def mismatch_sentence(key: str, theirs: tuple, ours: tuple, source: str) -> str:
     if key.endswith("patch_embed.proj.weight") and len(theirs) == 4 and theirs[1] != ours[1]:
         return (f"{source} was trained on {theirs[1]}-channel images but this model takes {ours[1]} channels; "
                 f"use data with {theirs[1]} channels or start from scratch without --init")

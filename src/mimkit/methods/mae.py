@@ -125,27 +125,8 @@ class MAE(Method):
         return [("original", images), ("masked", images * keep),
                 ("reconstruction", images * keep + recon * (1 - keep))]
 
-    def convert_checkpoint(self, state_dict: dict) -> dict:
-        """Official MAE release ({'model': sd}; encoder keys as timm's ViT, decoder keys as `MAEGenerator`)."""
-        own = {k: tuple(v.shape) for k, v in self.state_dict().items()}
-        return convert_mae_official(state_dict, own, prefix="generator.")
-
-
-DECODER_KEYS = ("mask_token", "decoder_embed.", "decoder_pos_embed", "decoder_blocks.", "decoder_norm.", "decoder_pred.")
-
-
-def convert_mae_official(state_dict: dict, own_shapes: dict, prefix: str) -> dict:
-    """Official MAE keys -> `{prefix}encoder.model.*` (encoder) and `{prefix}*` (decoder); mimkit keys pass."""
-    if any(k.startswith(prefix) for k in state_dict):  # already mimkit's layout
-        return state_dict
-    out = {}
-    for key, value in state_dict.items():
-        if key.startswith(DECODER_KEYS):
-            out[prefix + key] = value
-        elif not key.startswith(("head.", "fc_norm.")):  # a fine-tuned classifier's head is not part of MAE
-            out[f"{prefix}encoder.model.{key}"] = value
-    # Fixed sin-cos position embeddings: this model's own (for its grid) stand in for a mismatching copy.
-    for key in (f"{prefix}encoder.model.pos_embed", f"{prefix}decoder_pos_embed"):
-        if key in out and tuple(out[key].shape) != own_shapes.get(key):
-            del out[key]
-    return out
+    def pretrained_parts(self, state_dict: dict) -> list:
+        """Official MAE release ({'model': sd}, timm encoder keys + decoder keys; the decoder is optional, as
+        `mae_pretrain_vit_base.pth` has none) or any mimkit run's encoder."""
+        from mimkit.pretrained import mae_generator_parts
+        return mae_generator_parts(self.generator, state_dict, decoder_required=False)

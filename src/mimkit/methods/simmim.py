@@ -2,22 +2,23 @@
 
 Masked patches are replaced by a learnt mask token inside the encoder (ViT or Swin); a one-layer
 prediction head (1x1 conv + pixel shuffle) regresses raw pixels; the loss is L1 on masked pixels.
-Masks are drawn on a coarse grid of 32-px mask patches at ratio 0.6 (Sec. 3.1, Table 1) and
-upsampled to the model's patch grid; `mask_patch_size` scales that down for small images.
+Masks are drawn on a coarse grid of 32-px mask patches at ratio 0.6 (Sec. 3.1, Table 1), ceil(ratio x count)
+of them as the official MaskGenerator, and upsampled to the model's patch grid; `mask_patch_size` scales
+that down for small images. No weight decay on the mask token, CLS token, position embeddings and relative
+position tables (the official `no_weight_decay` lists); the 800-epoch recipes use the multistep schedule.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
-from timm.layers import resample_abs_pos_embed
 from torch import nn
 
 from mimkit.backbones import SwinBackbone, ViTBackbone, build_backbone
 from mimkit.config import Config, method_options
 from mimkit.losses import masked_l1
 from mimkit.masking import simmim_mask
-from mimkit.methods.base import CheckpointMismatch, Method
+from mimkit.methods.base import Method
 from mimkit.patches import mask_to_pixels
 
 
@@ -32,6 +33,8 @@ class SimMIM(Method):
     """SimMIM pre-training: `loss_l1` on masked pixels (Xie et al., Eq. 1 with L1, Table 1)."""
 
     options = SimMIMOptions
+    # SimMIM's `no_weight_decay` / `no_weight_decay_keywords` (besides biases and norms)
+    no_weight_decay_keys = ("mask_token", "cls_token", "pos_embed", "absolute_pos_embed", "relative_position_bias_table")
 
     def __init__(self, cfg: Config, in_chans: int, opts: SimMIMOptions | None = None):
         super().__init__()
@@ -77,39 +80,12 @@ class SimMIM(Method):
         keep = 1 - mask_to_pixels(mask, self.backbone.patch_size, self.backbone.grid).to(images.dtype)
         return [("original", images), ("masked", images * keep), ("reconstruction", images * keep + recon * (1 - keep))]
 
-    def convert_checkpoint(self, state_dict: dict) -> dict:
-        """Official SimMIM release: `encoder.*` (BEiT-style ViT or original Swin) and `decoder.0.*`."""
-        if any(k.startswith("backbone.") for k in state_dict):  # already mimkit's layout
-            return state_dict
-        out = {k: v for k, v in state_dict.items() if k.startswith("decoder.")}
-        encoder = {k[len("encoder."):]: v for k, v in state_dict.items() if k.startswith("encoder.")}
-        if "mask_token" in encoder:
-            out["backbone.mask_token"] = encoder.pop("mask_token").reshape(self.backbone.mask_token.shape)
-        if isinstance(self.backbone, SwinBackbone):
-            from timm.models.swin_transformer import checkpoint_filter_fn
-            encoder = checkpoint_filter_fn(encoder, self.backbone.model)
-        else:
-            encoder = simmim_vit_to_timm(encoder, self.backbone.grid)
-        out.update({f"backbone.model.{k}": v for k, v in encoder.items()})
-        return out
-
-
-def simmim_vit_to_timm(encoder: dict, grid: tuple[int, int]) -> dict:
-    """SimMIM's BEiT-style ViT keys -> timm VisionTransformer keys: q/v biases become one qkv bias (the
-    k bias is zero), gamma_1/2 become layer-scale gammas, the position embedding is resized to `grid`."""
-    out = {}
-    for key, value in encoder.items():
-        if "relative_position" in key:
-            raise CheckpointMismatch("this SimMIM ViT checkpoint uses relative position biases, which mimkit's "
-                                     "ViT (timm VisionTransformer, absolute positions) does not have; use a "
-                                     "SimMIM Swin checkpoint, or an MAE checkpoint for a ViT")
-        if key.endswith("attn.v_bias") or key == "mask_token":
-            continue
-        if key.endswith("attn.q_bias"):
-            v_bias = encoder[key.replace("q_bias", "v_bias")]
-            out[key.replace("q_bias", "qkv.bias")] = torch.cat([value, torch.zeros_like(value), v_bias])
-            continue
-        out[key.replace(".gamma_1", ".ls1.gamma").replace(".gamma_2", ".ls2.gamma")] = value
-    if "pos_embed" in out and out["pos_embed"].shape[1] != 1 + grid[0] * grid[1]:
-        out["pos_embed"] = resample_abs_pos_embed(out["pos_embed"], list(grid), num_prefix_tokens=1)
-    return out
+    def pretrained_parts(self, state_dict: dict) -> list:
+        """Official SimMIM release (`encoder.*`: BEiT-style ViT or original Swin; `decoder.0.*`), a mimkit
+        SimMIM run or any mimkit run's encoder. The decoder is optional."""
+        from mimkit.pretrained import Part, encoder_state, strip_prefix
+        if any(k.startswith("generator.") for k in state_dict):      # Vision ELECTRA run with a SimMIM generator
+            state_dict = strip_prefix(state_dict, "generator.")
+        decoder = {k: v for k, v in state_dict.items() if k.startswith("decoder.")}
+        return [Part("encoder", self.backbone, encoder_state(state_dict, self.backbone)),
+                Part("decoder", self, decoder, required=False, prefixes=("decoder.",))]

@@ -15,6 +15,15 @@ Gradient paths (tested): Eq. 3-4 see a detached reconstruction, so they reach D 
 detached parameters (torch.func.functional_call), so it reaches G only; Eq. 1 reaches G only.
 Batch reductions (the paper writes per-image losses): Eq. 3 averages over all 2·B·N patch verdicts
 (originals and reconstructions), Eq. 4 over the 2·B image verdicts, Eq. 2 over B images.
+
+Table 3 ablations: "w/o patch loss" removes patch-level discrimination altogether (Sec. 4.3: D "solely
+appraises the overall image authenticity"): no CNN patch head, no Eq. 3, and Eq. 2 keeps only its macro
+term; "w/o CLS loss" likewise removes the image head, Eq. 4 and Eq. 2's macro term. A term that is off is
+neither computed nor logged. The GAN terms are the non-saturating losses of `losses.gan`.
+
+Continual pre-training (Table 1 "Official + 50ep"): `generator_init` loads G's encoder and decoder,
+`discriminator_init` D's backbone (heads stay fresh), each with a per-module count; D follows a SimMIM
+file's layer scale (`discriminator_layer_scale=auto`) and keeps its learnt position table learnt.
 """
 from __future__ import annotations
 
@@ -22,23 +31,22 @@ import dataclasses
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch.func import functional_call
 
 from mimkit.backbones import build_backbone
 from mimkit.config import Config, method_options
 from mimkit.discriminators import HierarchicalDiscriminator
-from mimkit.losses import masked_mse
-from mimkit.methods.base import Method, Stage, load_matching
-from mimkit.methods.mae import MAEGenerator, MAEOptions, convert_mae_official
-from mimkit.methods.simmim import SimMIM, SimMIMOptions, simmim_vit_to_timm
+from mimkit.losses import discriminator_loss, generator_loss, masked_mse
+from mimkit.methods.base import Method, Stage
+from mimkit.methods.mae import MAEGenerator, MAEOptions
+from mimkit.methods.simmim import SimMIM, SimMIMOptions
 from mimkit.patches import mask_to_pixels, patchify, unpatchify
 
 
 @dataclass
 class VisionElectraOptions:
     generator: str = "mae"               # mae | simmim (Sec. 3.1)
-    mask_ratio: float = 0.75             # Table 1: 75 % with the MAE generator (SimMIM: 0.6)
+    mask_ratio: float | None = None      # None: the generator's own (MAE 0.75 as Table 1, SimMIM 0.6)
     noise_std: float = 0.1               # std of z~ (Sec. 3.2; the paper gives no value); 0 turns noise off
     gan_weight: float = 0.2              # lambda of Eq. 5
     patch_loss: bool = True              # Eq. 3 (Table 3 ablation)
@@ -53,6 +61,7 @@ class VisionElectraOptions:
     patch_head_hidden: int | None = None  # CNN patch head width (default: D's width)
     generator_init: str | None = None    # continual pre-training: MAE/SimMIM checkpoint for G
     discriminator_init: str | None = None  # ... and an MAE/SimMIM/mimkit checkpoint for D's backbone
+    discriminator_layer_scale: str | float | None = "auto"  # D's layer scale; auto: as discriminator_init's file
 
 
 class VisionElectra(Method):
@@ -71,7 +80,16 @@ class VisionElectra(Method):
         if cfg.model.arch == "swin" and o.generator == "mae":
             raise ValueError("a Swin discriminator needs method.generator=simmim (MAE's encoder drops tokens, "
                              "which Swin cannot)")
-        d_backbone = build_backbone(cfg.model, in_chans, mask_token=o.share_weights and o.generator == "simmim")
+        if not (o.patch_loss or o.cls_loss):
+            raise ValueError("method.patch_loss and method.cls_loss are both off, so the discriminator has nothing to "
+                             "learn; keep at least one of them")
+        if o.mask_ratio is None:
+            o.mask_ratio = 0.75 if o.generator == "mae" else 0.6
+        if o.discriminator_layer_scale == "auto":   # resolved once and recorded, so a resumed run needs no file
+            o.discriminator_layer_scale = cfg.method["discriminator_layer_scale"] = \
+                file_layer_scale(o.discriminator_init) if o.discriminator_init else None
+        d_backbone = build_backbone(cfg.model, in_chans, mask_token=o.share_weights and o.generator == "simmim",
+                                    init_values=o.discriminator_layer_scale)
         g_cfg = cfg if not o.generator_size else dataclasses.replace(
             cfg, model=dataclasses.replace(cfg.model, size=o.generator_size, embed_dim=None, depth=None, num_heads=None))
         if o.generator == "mae":
@@ -82,14 +100,11 @@ class VisionElectra(Method):
             self.generator = SimMIM(g_cfg, in_chans, SimMIMOptions(o.mask_ratio, o.mask_patch_size))
             if o.share_weights:
                 self.generator.backbone = d_backbone
-        self.discriminator = HierarchicalDiscriminator(d_backbone, o.patch_head_hidden)
+        self.discriminator = HierarchicalDiscriminator(d_backbone, o.patch_head_hidden, patch_head=o.patch_loss,
+                                                       image_head=o.cls_loss)
         self.patch_size, self.grid, self.in_chans = d_backbone.patch_size, d_backbone.grid, in_chans
         if self.generator_encoder.grid != self.grid:
             raise ValueError("G and D must share the patch grid; use the same model.patch_size for both")
-        if o.generator_init:
-            self.init_generator(o.generator_init)
-        if o.discriminator_init:
-            self.init_discriminator(o.discriminator_init)
 
     @property
     def encoder(self):
@@ -130,51 +145,40 @@ class VisionElectra(Method):
         mask = self.mask(images)                                                    # [B, L], True = generated
         pred, fake = self.reconstruct(images, mask, o.noise_std)
         loss_img = masked_mse(pred, patchify(images, self.patch_size), mask)        # Eq. 1
+        total, parts = loss_img, {"loss_img": loss_img}
 
         # D on the original and the detached reconstruction, in one batch (Eq. 3-4 reach D only)
         patch_logits, image_logits = self.discriminator(torch.cat([images, fake.detach()]))
-        patch_labels = torch.cat([torch.ones_like(mask, dtype=patch_logits.dtype), (~mask).to(patch_logits.dtype)])
-        loss_patch = F.binary_cross_entropy_with_logits(patch_logits.float(), patch_labels.float())   # Eq. 3
-        image_labels = torch.cat([torch.ones(b, device=images.device), torch.zeros(b, device=images.device)])
-        loss_cls = F.binary_cross_entropy_with_logits(image_logits.float(), image_labels)             # Eq. 4
-
-        total = loss_img
-        parts = {"loss_img": loss_img, "loss_patch": loss_patch, "loss_cls": loss_cls}
+        if patch_logits is not None:
+            patch_labels = torch.cat([torch.ones_like(mask), ~mask]).float()       # visible patches are originals
+            parts["loss_patch"] = loss_patch = discriminator_loss(patch_logits, patch_labels)        # Eq. 3
+            total = total + loss_patch
+            parts.update(patch_accuracy(patch_logits.detach(), mask))
+        if image_logits is not None:
+            image_labels = torch.cat([torch.ones(b, device=images.device), torch.zeros(b, device=images.device)])
+            parts["loss_cls"] = loss_cls = discriminator_loss(image_logits, image_labels)            # Eq. 4
+            total = total + loss_cls
+            parts.update(image_accuracy(image_logits.detach()))
         if o.gan_loss:
             parts["loss_gan"] = loss_gan = self.adversarial_loss(fake, mask)                          # Eq. 2
-            total = total + o.gan_weight * loss_gan
-        if o.patch_loss:
-            total = total + loss_patch
-        if o.cls_loss:
-            total = total + loss_cls                                                                  # Eq. 5
-        parts.update(self.discriminator_accuracy(patch_logits.detach(), image_logits.detach(), mask))
+            total = total + o.gan_weight * loss_gan                                                   # Eq. 5
         return {"loss": total, "parts": parts}
 
     def adversarial_loss(self, fake: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Eq. 2: -1/M sum_i log D(x_i^r) over the M generated patches - log D(x_0^r), through a D whose
-        parameters are detached (its weights get no gradient; G gets all of it)."""
+        parameters are detached (its weights get no gradient; G gets all of it). A level whose head is off
+        (Table 3) drops its term."""
         frozen = {n: p.detach() for n, p in self.discriminator.named_parameters()}
         frozen.update(dict(self.discriminator.named_buffers()))
         patch_logits, image_logits = functional_call(self.discriminator, frozen, (fake,))
-        per_patch = F.binary_cross_entropy_with_logits(patch_logits.float(), torch.ones_like(patch_logits.float()),
-                                                       reduction="none")            # -log D(x_i^r)
-        weight = mask.float()
-        micro = (per_patch * weight).sum(1) / weight.sum(1).clamp(min=1)
-        macro = F.binary_cross_entropy_with_logits(image_logits.float(), torch.ones_like(image_logits.float()),
-                                                   reduction="none")                # -log D(x_0^r)
-        return (micro + macro).mean()
-
-    @staticmethod
-    @torch.no_grad()
-    def discriminator_accuracy(patch_logits, image_logits, mask) -> dict:
-        b = mask.shape[0]
-        generated = mask.float()
-        return {
-            "acc_patch_real": (patch_logits[:b] > 0).float().mean(),
-            "acc_patch_fake": ((patch_logits[b:] < 0).float() * generated).sum() / generated.sum().clamp(min=1),
-            "acc_img_real": (image_logits[:b] > 0).float().mean(),
-            "acc_img_fake": (image_logits[b:] < 0).float().mean(),
-        }
+        per_image = torch.zeros(fake.shape[0], device=fake.device)
+        if patch_logits is not None:
+            weight = mask.float()
+            per_patch = generator_loss(patch_logits, reduction="none")              # -log D(x_i^r)
+            per_image = per_image + (per_patch * weight).sum(1) / weight.sum(1).clamp(min=1)
+        if image_logits is not None:
+            per_image = per_image + generator_loss(image_logits, reduction="none")  # -log D(x_0^r)
+        return per_image.mean()
 
     # ------------------------------------------------------------------ pictures and weights
     @torch.no_grad()
@@ -187,41 +191,63 @@ class VisionElectra(Method):
         return [("original", images), ("masked", images * keep), ("reconstruction", first),
                 ("second noise draw", second)]
 
-    def init_generator(self, path: str) -> None:
-        """G from an MAE (official release or mimkit run) or SimMIM checkpoint."""
-        from mimkit.engine.checkpoint import load_checkpoint, state_dict_of
-        state = state_dict_of(load_checkpoint(path))
+    def pretrained_parts(self, state_dict: dict) -> list:
+        """`--init FILE`: D's backbone from any supported checkpoint; from a Vision ELECTRA run also D's heads
+        and the generator (a continued VE run)."""
+        from mimkit.pretrained import Part, encoder_state, strip_prefix
+        parts = [Part("discriminator encoder", self.encoder, encoder_state(state_dict, self.encoder))]
+        if any(k.startswith("discriminator.") for k in state_dict) and any(k.startswith("generator.") for k in state_dict):
+            heads = {k: v for k, v in strip_prefix(state_dict, "discriminator.").items()
+                     if k.startswith(("patch_head.", "image_head."))}
+            parts.append(Part("discriminator heads", self.discriminator, heads, required=False,
+                              prefixes=("patch_head.", "image_head.")))
+            parts += self.generator_parts(state_dict, required=False)
+        return parts
+
+    def generator_parts(self, state_dict: dict, required: bool) -> list:
+        from mimkit.pretrained import mae_generator_parts
         if isinstance(self.generator, MAEGenerator):
-            if any(k.startswith("generator.") for k in state):
-                state = {k[len("generator."):]: v for k, v in state.items() if k.startswith("generator.")}
-            else:
-                own = {k: tuple(v.shape) for k, v in self.generator.state_dict().items()}
-                state = convert_mae_official(state, own, prefix="")
+            parts = mae_generator_parts(self.generator, state_dict, decoder_required=required)
         else:
-            state = self.generator.convert_checkpoint(state)
-        missing, _ = load_matching(self.generator, state, path)
-        if len(missing) == len(self.generator.state_dict()):
-            raise ValueError(f"no weight of {path} fits VE's generator; is it an MAE or SimMIM checkpoint?")
+            parts = self.generator.pretrained_parts(state_dict)
+        for part in parts:
+            part.name, part.required = f"generator {part.name}", required and part.required
+        return parts
 
-    def init_discriminator(self, path: str) -> None:
-        """D's backbone from the encoder inside an MAE/SimMIM release or any mimkit run; heads stay fresh."""
+    def load_initial_weights(self) -> list[str]:
+        """Continual pre-training: G from an MAE/SimMIM checkpoint (encoder and, for MAE, decoder required),
+        D's backbone from an MAE/SimMIM/mimkit checkpoint; D's heads stay at their init."""
         from mimkit.engine.checkpoint import load_checkpoint, state_dict_of
-        encoder = encoder_state(state_dict_of(load_checkpoint(path)), self.encoder.grid)
-        missing, _ = load_matching(self.encoder.model, encoder, path)
-        if len(missing) == len(self.encoder.model.state_dict()):
-            raise ValueError(f"no weight of {path} fits VE's discriminator backbone")
+        from mimkit.pretrained import Part, encoder_state, load_parts
+        o, lines = self.opts, []
+        if o.generator_init:
+            state = state_dict_of(load_checkpoint(o.generator_init))
+            lines.append(load_parts(self.generator_parts(state, required=True), f"method.generator_init={o.generator_init}"))
+        if o.discriminator_init:
+            state = state_dict_of(load_checkpoint(o.discriminator_init))
+            part = Part("discriminator encoder", self.encoder, encoder_state(state, self.encoder))
+            lines.append(load_parts([part], f"method.discriminator_init={o.discriminator_init}")
+                         + "; discriminator heads: fresh")
+        return lines
 
 
-ENCODER_PREFIXES = ("discriminator.backbone.model.", "generator.encoder.model.", "backbone.model.", "encoder.model.")
+@torch.no_grad()
+def patch_accuracy(patch_logits: torch.Tensor, mask: torch.Tensor) -> dict:
+    """D's accuracy on the original image's patches and on the generated ones."""
+    b = mask.shape[0]
+    generated = mask.float()
+    return {"acc_patch_real": (patch_logits[:b] > 0).float().mean(),
+            "acc_patch_fake": ((patch_logits[b:] < 0).float() * generated).sum() / generated.sum().clamp(min=1)}
 
 
-def encoder_state(state: dict, grid: tuple[int, int]) -> dict:
-    """timm ViT keys of the encoder inside any supported checkpoint (mimkit run, MAE or SimMIM release)."""
-    for prefix in ENCODER_PREFIXES:
-        found = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-        if found:
-            return found
-    if any(k.startswith("encoder.") for k in state):                                    # SimMIM release
-        return simmim_vit_to_timm({k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}, grid)
-    skip = ("decoder", "mask_token", "head.", "fc_norm.")                               # MAE release
-    return {k: v for k, v in state.items() if not k.startswith(skip)}
+@torch.no_grad()
+def image_accuracy(image_logits: torch.Tensor) -> dict:
+    b = image_logits.shape[0] // 2
+    return {"acc_img_real": (image_logits[:b] > 0).float().mean(), "acc_img_fake": (image_logits[b:] < 0).float().mean()}
+
+
+def file_layer_scale(path: str) -> float | None:
+    """0.1 (SimMIM's value; the loaded gammas replace it) when the file's encoder has layer scale, else None."""
+    from mimkit.engine.checkpoint import load_checkpoint, state_dict_of
+    state = state_dict_of(load_checkpoint(path))
+    return 0.1 if any(k.endswith(("gamma_1", "gamma_2", "ls1.gamma", "ls2.gamma")) for k in state) else None
