@@ -18,14 +18,17 @@ VE_TINY = ["method.name=vision_electra", "method.decoder_dim=32", "method.decode
 
 
 class StubDiscriminator(nn.Module):
-    """Logits that are simple functions of the image, with one parameter so functional_call has work to do."""
+    """Logits that are simple functions of the image, with one parameter so functional_call has work to do;
+    a level whose head is switched off returns None, as the real discriminator."""
 
-    def __init__(self):
+    def __init__(self, patch=True, image=True):
         super().__init__()
         self.scale = nn.Parameter(torch.tensor(1.0))
+        self.patch, self.image = patch, image
 
     def forward(self, images):
-        return self.scale * patchify(images, 4).mean(-1), self.scale * images.mean((1, 2, 3))
+        return (self.scale * patchify(images, 4).mean(-1) if self.patch else None,
+                self.scale * images.mean((1, 2, 3)) if self.image else None)
 
 
 def log_sigmoid(x):
@@ -44,14 +47,15 @@ def hand_losses(images, pred, mask):
     loss_patch = -(log_sigmoid(lp_real).sum() + (y_fake * log_sigmoid(lp_fake) + (1 - y_fake) * log_sigmoid(-lp_fake)).sum()) / (2 * b * n)  # Eq. 3
     lc_real, lc_fake = images.mean((1, 2, 3)), fake.mean((1, 2, 3))
     loss_cls = -(log_sigmoid(lc_real).sum() + log_sigmoid(-lc_fake).sum()) / (2 * b)              # Eq. 4
-    loss_gan = (-(log_sigmoid(lp_fake) * m).sum(1) / m.sum(1) - log_sigmoid(lc_fake)).mean()      # Eq. 2
-    return loss_img, loss_gan, loss_patch, loss_cls
+    gan_micro = (-(log_sigmoid(lp_fake) * m).sum(1) / m.sum(1)).mean()                            # Eq. 2, patches
+    gan_macro = (-log_sigmoid(lc_fake)).mean()                                                     # Eq. 2, image
+    return loss_img, gan_micro + gan_macro, loss_patch, loss_cls, gan_micro, gan_macro
 
 
 def ve_with_stubs(monkeypatch, overrides=()):
     torch.manual_seed(0)
     ve = build_method(load_config(None, VE_PICO + list(overrides)), 1)
-    ve.discriminator = StubDiscriminator()
+    ve.discriminator = StubDiscriminator(ve.opts.patch_loss, ve.opts.cls_loss)
     images = torch.randn(3, 1, 8, 8)
     mask = torch.tensor([[True, False, True, False], [True, True, False, False], [False, True, True, True]])
     pred = torch.randn(3, 4, 16)
@@ -63,22 +67,52 @@ def ve_with_stubs(monkeypatch, overrides=()):
 def test_equations_1_to_5_match_hand_computation(monkeypatch):
     ve, images, pred, mask = ve_with_stubs(monkeypatch)
     out = ve(images)
-    img, gan, patch, cls = hand_losses(images, pred, mask)
+    img, gan, patch, cls, _, _ = hand_losses(images, pred, mask)
     parts = out["parts"]
     for name, value in (("loss_img", img), ("loss_gan", gan), ("loss_patch", patch), ("loss_cls", cls)):
         assert torch.allclose(parts[name], value, atol=1e-5), (name, parts[name], value)
     assert torch.allclose(out["loss"], img + 0.2 * gan + patch + cls, atol=1e-5)                 # Eq. 5, lambda 0.2
 
 
-@pytest.mark.parametrize("switch,term", [("method.patch_loss=false", "loss_patch"), ("method.cls_loss=false", "loss_cls"),
-                                         ("method.gan_loss=false", "loss_gan")])
-def test_each_ablation_switch_removes_exactly_its_term(monkeypatch, switch, term):
-    ve, images, pred, mask = ve_with_stubs(monkeypatch)
-    full = ve(images)
-    ablated_ve, _, _, _ = ve_with_stubs(monkeypatch, [switch])
-    ablated = ablated_ve(images)
-    weight = 0.2 if term == "loss_gan" else 1.0
-    assert torch.allclose(ablated["loss"], full["loss"] - weight * full["parts"][term], atol=1e-5)
+def test_ablation_without_patch_loss_has_no_patch_level_at_all(monkeypatch):
+    """Table 3 "w/o patch loss" (Sec. 4.3: D solely appraises the whole image): no Eq. 3 and no micro part
+    of Eq. 2; nothing patch-level is computed or logged, and D has no patch head."""
+    ve, images, pred, mask = ve_with_stubs(monkeypatch, ["method.patch_loss=false"])
+    img, _, _, cls, _, gan_macro = hand_losses(images, pred, mask)
+    out = ve(images)
+    assert set(out["parts"]) == {"loss_img", "loss_cls", "loss_gan", "acc_img_real", "acc_img_fake"}
+    assert torch.allclose(out["parts"]["loss_gan"], gan_macro, atol=1e-5)
+    assert torch.allclose(out["loss"], img + 0.2 * gan_macro + cls, atol=1e-5)
+    assert build_method(load_config(None, VE_PICO + ["method.patch_loss=false"]), 1).discriminator.patch_head is None
+
+
+def test_ablation_without_cls_loss_has_no_image_level_at_all(monkeypatch):
+    ve, images, pred, mask = ve_with_stubs(monkeypatch, ["method.cls_loss=false"])
+    img, _, patch, _, gan_micro, _ = hand_losses(images, pred, mask)
+    out = ve(images)
+    assert set(out["parts"]) == {"loss_img", "loss_patch", "loss_gan", "acc_patch_real", "acc_patch_fake"}
+    assert torch.allclose(out["parts"]["loss_gan"], gan_micro, atol=1e-5)
+    assert torch.allclose(out["loss"], img + 0.2 * gan_micro + patch, atol=1e-5)
+    assert build_method(load_config(None, VE_PICO + ["method.cls_loss=false"]), 1).discriminator.image_head is None
+
+
+def test_ablation_without_gan_loss(monkeypatch):
+    ve, images, pred, mask = ve_with_stubs(monkeypatch, ["method.gan_loss=false"])
+    img, _, patch, cls, _, _ = hand_losses(images, pred, mask)
+    out = ve(images)
+    assert "loss_gan" not in out["parts"]
+    assert torch.allclose(out["loss"], img + patch + cls, atol=1e-5)
+
+
+def test_both_levels_off_is_an_error():
+    with pytest.raises(ValueError, match="nothing to learn"):
+        build_method(load_config(None, VE_PICO + ["method.patch_loss=false", "method.cls_loss=false"]), 1)
+
+
+def test_simmim_generator_defaults_to_simmim_mask_ratio():
+    ve = build_method(load_config(None, VE_PICO + ["method.generator=simmim", "method.mask_patch_size=4"]), 1)
+    assert ve.opts.mask_ratio == 0.6 and ve.generator.opts.mask_ratio == 0.6
+    assert build_method(load_config(None, VE_PICO), 1).generator.opts.mask_ratio == 0.75
 
 
 def test_gan_weight_scales_the_adversarial_term(monkeypatch):

@@ -59,6 +59,8 @@ def load_parts(parts: list[Part], source: str) -> str:
         line = f"{part.name}: {len(part.state)}/{len(own)} tensors loaded"
         if left:
             line += f", left at init: {', '.join(left[:4])}{' ...' if len(left) > 4 else ''}"
+        if isinstance(part.module, ViTBackbone) and "model.pos_embed" in part.state and learn_loaded_positions(part.module):
+            line += " (its position table is learnt: trainable)"
         lines.append(line)
     return f"initialised from {source}: " + "; ".join(lines)
 
