@@ -172,7 +172,8 @@ class Trainer:
             min(round(group.warmup_epochs * self.steps_per_epoch * share), max(self.total_steps - 1, 0))
         if o.schedule == "multistep":
             milestones = [round(m * self.steps_per_epoch * share) for m in o.milestones]
-            return MultiStepLRScheduler(optimizer, decay_t=[m - warmup for m in milestones], decay_rate=o.decay_rate,
+            # timm decays once t + 1 passes decay_t (t counted after warm-up); SimMIM decays from step m on
+            return MultiStepLRScheduler(optimizer, decay_t=[m - warmup + 1 for m in milestones], decay_rate=o.decay_rate,
                                         warmup_t=warmup, warmup_lr_init=0.0, warmup_prefix=True, t_in_epochs=False)
         return CosineLRScheduler(optimizer, t_initial=max(self.total_steps - warmup, 1), lr_min=o.min_lr,
                                  warmup_t=warmup, warmup_lr_init=0.0, warmup_prefix=True, t_in_epochs=False)
