@@ -145,8 +145,11 @@ def test_vision_electra_continues_from_a_mimkit_simmim_run(tmp_path, fmnist_smal
     cfg = tiny_config(fmnist_small, "mae", ["method.name=vision_electra", *VE_PICO[1:], "train.steps=1",
                                             f"method.discriminator_init={tmp_path / 'simmim/last.pt'}"])
     ve = Trainer(cfg, tmp_path / "ve").method
-    for key, value in ve.encoder.model.state_dict().items():
-        assert torch.equal(value, sim_state[f"backbone.model.{key}"]), key
+    own = ve.encoder.model.state_dict()
+    theirs = {k[len("backbone.model."):]: v for k, v in sim_state.items() if k.startswith("backbone.model.")}
+    assert set(own) == set(theirs)                           # layer-scale gammas included, none dropped
+    for key, value in own.items():
+        assert torch.equal(value, theirs[key]), key
 
 
 def test_cli_prints_per_module_counts(tmp_path, fmnist_small, capsys):
@@ -163,3 +166,16 @@ def test_cli_prints_per_module_counts(tmp_path, fmnist_small, capsys):
     d = sum(k.startswith("discriminator.backbone.") for k in ve)
     assert f"generator encoder: {g}/{g} tensors loaded" in out and "generator decoder: 20/20 tensors loaded" in out, out
     assert f"discriminator encoder: {d}/{d} tensors loaded" in out and "discriminator heads: fresh" in out, out
+
+
+def test_init_from_a_timm_export(tmp_path, fmnist_small):
+    from mimkit.export import export_encoder
+    Trainer(tiny_config(fmnist_small, "mae", ["train.steps=1"]), tmp_path / "run").train()
+    weights, _ = export_encoder(tmp_path / "run/last.pt", tmp_path / "enc")
+    from safetensors.torch import load_file
+    exported = load_file(str(weights))
+    method = build_method(load_config(None, MAE_PICO), 1)
+    report = load_init(method, weights)
+    assert "decoder: 0/20" in report
+    for key, value in method.encoder.model.state_dict().items():
+        assert torch.equal(value, exported[key]), key

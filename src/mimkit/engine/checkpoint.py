@@ -33,10 +33,17 @@ def save_atomic(obj, path: str | Path) -> None:
 
 def load_checkpoint(path: str | Path) -> dict:
     """A checkpoint file as a dict, loaded with weights_only=True (argparse.Namespace allowed, as in
-    the official MAE/SimMIM training checkpoints)."""
+    the official MAE/SimMIM training checkpoints); `.safetensors` files as their state dict."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist; check the path (a run's checkpoint is RUN/last.pt)")
+    if path.suffix == ".safetensors":                 # a `mimkit export` (timm keys) or any safetensors state dict
+        from safetensors.torch import load_file
+        try:
+            return load_file(str(path))
+        except Exception as err:
+            raise CheckpointError(f"{path} could not be read as safetensors ({type(err).__name__}); re-export or "
+                                  f"re-copy it") from err
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             obj = torch.load(path, map_location="cpu", weights_only=True)
