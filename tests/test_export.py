@@ -10,7 +10,7 @@ from mimkit.config import load_config
 from mimkit.engine.trainer import Trainer, load_init
 from mimkit.export import export_encoder
 from mimkit.methods import CheckpointMismatch, build_method
-from tests.conftest import MAE_PICO, SIMMIM_PICO, tiny_config
+from tests.conftest import MAE_PICO, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -77,30 +77,3 @@ def test_checkpoint_with_other_channel_count_is_one_clear_error(tmp_path):
     method = build_method(load_config(None, MAE_PICO), 1)
     with pytest.raises(CheckpointMismatch, match="3-channel images but this model takes 1 channels"):
         load_init(method, tmp_path / "rgb.pth")
-
-
-def test_official_simmim_vit_keys_are_converted(tmp_path):
-    torch.manual_seed(0)
-    target = build_method(load_config(None, SIMMIM_PICO), 1)
-    sd = {}
-    for key, value in target.state_dict().items():
-        if key.startswith("backbone.model."):
-            name = "encoder." + key[len("backbone.model."):]
-            if name.endswith("attn.qkv.bias"):
-                d = value.shape[0] // 3
-                sd[name.replace("qkv.bias", "q_bias")] = torch.randn(d)
-                sd[name.replace("qkv.bias", "v_bias")] = torch.randn(d)
-                continue
-            sd[name.replace(".ls1.gamma", ".gamma_1").replace(".ls2.gamma", ".gamma_2")] = torch.randn_like(value)
-        elif key == "backbone.mask_token":
-            sd["encoder.mask_token"] = torch.randn(1, 1, value.shape[-1])
-        else:
-            sd[key] = torch.randn_like(value)
-    torch.save({"model": sd}, tmp_path / "simmim.pth")
-    message = load_init(target, tmp_path / "simmim.pth")
-    assert "encoder: 63/63 tensors loaded; decoder: 2/2 tensors loaded" in message, message
-    block = target.backbone.model.blocks[0]
-    q, v = sd["encoder.blocks.0.attn.q_bias"], sd["encoder.blocks.0.attn.v_bias"]
-    assert torch.equal(block.attn.qkv.bias, torch.cat([q, torch.zeros_like(q), v]))
-    assert torch.equal(block.ls1.gamma, sd["encoder.blocks.0.gamma_1"])
-    assert torch.equal(target.decoder[0].weight, sd["decoder.0.weight"])

@@ -74,26 +74,21 @@ def test_equations_1_to_5_match_hand_computation(monkeypatch):
     assert torch.allclose(out["loss"], img + 0.2 * gan + patch + cls, atol=1e-5)                 # Eq. 5, lambda 0.2
 
 
-def test_ablation_without_patch_loss_has_no_patch_level_at_all(monkeypatch):
-    """Table 3 "w/o patch loss" (Sec. 4.3: D solely appraises the whole image): no Eq. 3 and no micro part
-    of Eq. 2; nothing patch-level is computed or logged, and D has no patch head."""
-    ve, images, pred, mask = ve_with_stubs(monkeypatch, ["method.patch_loss=false"])
-    img, _, _, cls, _, gan_macro = hand_losses(images, pred, mask)
+@pytest.mark.parametrize("switch,kept,head", [
+    ("method.patch_loss=false", {"loss_img", "loss_cls", "loss_gan", "acc_img_real", "acc_img_fake"}, "patch_head"),
+    ("method.cls_loss=false", {"loss_img", "loss_patch", "loss_gan", "acc_patch_real", "acc_patch_fake"}, "image_head"),
+])
+def test_ablation_removes_a_whole_level(monkeypatch, switch, kept, head):
+    """Table 3 "w/o patch loss" (Sec. 4.3: D solely appraises the whole image): no Eq. 3 and no micro part of
+    Eq. 2, nothing patch-level computed or logged, no patch head; "w/o CLS loss" the same for the image level."""
+    ve, images, pred, mask = ve_with_stubs(monkeypatch, [switch])
+    img, _, patch, cls, gan_micro, gan_macro = hand_losses(images, pred, mask)
     out = ve(images)
-    assert set(out["parts"]) == {"loss_img", "loss_cls", "loss_gan", "acc_img_real", "acc_img_fake"}
-    assert torch.allclose(out["parts"]["loss_gan"], gan_macro, atol=1e-5)
-    assert torch.allclose(out["loss"], img + 0.2 * gan_macro + cls, atol=1e-5)
-    assert build_method(load_config(None, VE_PICO + ["method.patch_loss=false"]), 1).discriminator.patch_head is None
-
-
-def test_ablation_without_cls_loss_has_no_image_level_at_all(monkeypatch):
-    ve, images, pred, mask = ve_with_stubs(monkeypatch, ["method.cls_loss=false"])
-    img, _, patch, _, gan_micro, _ = hand_losses(images, pred, mask)
-    out = ve(images)
-    assert set(out["parts"]) == {"loss_img", "loss_patch", "loss_gan", "acc_patch_real", "acc_patch_fake"}
-    assert torch.allclose(out["parts"]["loss_gan"], gan_micro, atol=1e-5)
-    assert torch.allclose(out["loss"], img + 0.2 * gan_micro + patch, atol=1e-5)
-    assert build_method(load_config(None, VE_PICO + ["method.cls_loss=false"]), 1).discriminator.image_head is None
+    assert set(out["parts"]) == kept
+    gan, d_term = (gan_macro, cls) if "patch_loss" in switch else (gan_micro, patch)
+    assert torch.allclose(out["parts"]["loss_gan"], gan, atol=1e-5)
+    assert torch.allclose(out["loss"], img + 0.2 * gan + d_term, atol=1e-5)
+    assert getattr(build_method(load_config(None, VE_PICO + [switch]), 1).discriminator, head) is None
 
 
 def test_ablation_without_gan_loss(monkeypatch):
