@@ -30,16 +30,17 @@ def measure(config: str, batch: int, compile_model: bool, steps: int, warmup: in
         for scheduler in trainer.schedulers.values():
             scheduler.step_update(trainer.warmup_steps)
         running: dict = {}
+        counts: dict = {}
         start = time.perf_counter()
         for _ in range(warmup):
-            trainer._step(images, running)
+            trainer._step(images, running, counts, trainer.warmup_steps)
         if dev.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
         first = time.perf_counter() - start
         start = time.perf_counter()
         for _ in range(steps):
-            trainer._step(images, running)
+            trainer._step(images, running, counts, trainer.warmup_steps)
         if dev.type == "cuda":
             torch.cuda.synchronize()
         elapsed = time.perf_counter() - start

@@ -104,11 +104,12 @@ class Trainer:
                 self._print(report)
         else:
             verify_frozen_sources(self.method, ckpt, resume_from)
-            trainable = set(ckpt.get("trainable", []))
-            for name, p in self.method.named_parameters():   # what an init made trainable (a learnt position table)
-                if trainable:
+            if "trainable" in ckpt:   # what an init made trainable (a learnt position table) stays so
+                trainable = set(ckpt["trainable"])
+                for name, p in self.method.named_parameters():
                     p.requires_grad_(name in trainable)
         D.broadcast_module(self.method)
+        self.frozen = frozen_sources(self.method)   # hashed once: a tokenizer file can be large
 
         self.global_batch = cfg.data.batch_size * t.accum_steps * self.dist.world_size
         micro_per_epoch = len(self.dataset) // self.dist.world_size // cfg.data.batch_size
@@ -219,7 +220,7 @@ class Trainer:
         interactive = sys.stderr.isatty() and not self.quiet
         bar = tqdm(total=self.total_steps, initial=self.start_step, disable=not interactive, dynamic_ncols=True)
         last_row: dict = {}
-        tick, images_seen, steps_since_log = time.perf_counter(), 0, 0
+        tick, images_seen = time.perf_counter(), 0
         self.method.train()
         for step in range(self.start_step, self.total_steps):
             micro = [next(batches) for _ in range(t.accum_steps)]
@@ -230,12 +231,11 @@ class Trainer:
             self._step(images, running, counts, step)
             step_done = step + 1
             images_seen += sum(x.shape[0] for x in images) * self.dist.world_size
-            steps_since_log += 1
             bar.update(1)
             if step_done % t.log_every == 0 or step_done == self.total_steps:
                 elapsed = time.perf_counter() - tick
                 last_row = self._log_row(step_done, running, counts, images_seen / max(elapsed, 1e-9))
-                running, counts, steps_since_log, images_seen, tick = {}, {}, 0, 0, time.perf_counter()
+                running, counts, images_seen, tick = {}, {}, 0, time.perf_counter()
                 if log is not None:
                     log.write(last_row)
                     bar.set_postfix(loss=f"{last_row['loss']:.4f}", img_s=f"{last_row['img_per_s']:.0f}")
@@ -360,7 +360,7 @@ class Trainer:
             "format": "mimkit-run", "version": mimkit.__version__, "step": step, "config": self.cfg.to_dict(),
             "in_chans": self.in_chans, "data_stats": {"mean": self.mean.flatten().tolist(),
                                                       "std": self.std.flatten().tolist()},
-            "model": self.method.trainable_state_dict(), "frozen": frozen_sources(self.method),
+            "model": self.method.trainable_state_dict(), "frozen": self.frozen,
             "trainable": [n for n, p in self.method.named_parameters() if p.requires_grad],
             "optimizers": {g: opt.state_dict() for g, opt in self.optimizers.items()},
             "rng": rng, "world_size": self.dist.world_size,

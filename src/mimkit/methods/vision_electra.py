@@ -85,6 +85,9 @@ class VisionElectra(Method):
                              "learn; keep at least one of them")
         if o.mask_ratio is None:
             o.mask_ratio = 0.75 if o.generator == "mae" else 0.6
+        if isinstance(o.discriminator_layer_scale, str) and o.discriminator_layer_scale != "auto":
+            raise ValueError(f"method.discriminator_layer_scale must be auto, null or a number, not "
+                             f"{o.discriminator_layer_scale!r}")
         if o.discriminator_layer_scale == "auto":   # resolved once and recorded, so a resumed run needs no file
             o.discriminator_layer_scale = cfg.method["discriminator_layer_scale"] = \
                 file_layer_scale(o.discriminator_init) if o.discriminator_init else None
