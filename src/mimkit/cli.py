@@ -1,5 +1,5 @@
 """Command line: `mimkit pretrain | eval {knn,linear,attentive,finetune,recon,robustness,report} | visualize attention
-| export | demo`."""
+| export | tokenizer {train,eval,show,convert-dalle} | demo`."""
 from __future__ import annotations
 
 import argparse
@@ -100,6 +100,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ckpt", required=True)
     p.add_argument("--out", required=True, help="FILE: writes FILE.safetensors and FILE.json")
 
+    p = sub.add_parser("tokenizer", help="discrete image tokenizers: train, evaluate, show, convert DALL-E's")
+    tsub = p.add_subparsers(dest="action", required=True)
+    tt = tsub.add_parser("train", help="train a tokenizer (dVAE or VQ) on the pre-training engine")
+    tt.add_argument("--config", help="recipe from configs/tokenizer/ (default: the run's config.yaml with --resume)")
+    tt.add_argument("--out", required=True, help="run directory (RUN/last.pt is then a tokenizer path)")
+    tt.add_argument("--data", help="fashion-mnist | idx:DIR | folder:DIR")
+    tt.add_argument("--steps", type=int)
+    tt.add_argument("--ckpt-every", type=int)
+    tt.add_argument("--seed", type=int)
+    tt.add_argument("--resume", action="store_true")
+    tt.add_argument("--device", default=None)
+    tt.add_argument("overrides", nargs="*", help="key=value config overrides")
+    tt.set_defaults(init=None)
+    te = tsub.add_parser("eval", help="reconstruction PSNR/SSIM, codebook usage and perplexity (one JSON line)")
+    te.add_argument("--tokenizer", required=True, help="RUN, RUN/last.pt or T.safetensors")
+    te.add_argument("--data", default="fashion-mnist")
+    te.add_argument("--split", default="test")
+    te.add_argument("--num-images", type=int, default=2000)
+    te.add_argument("--device", default=None)
+    ts = tsub.add_parser("show", help="PNG: original | reconstruction | 50 %% of tokens resampled")
+    ts.add_argument("--tokenizer", required=True)
+    ts.add_argument("--out", required=True, help="PNG file")
+    ts.add_argument("--data", default="fashion-mnist")
+    ts.add_argument("--num-images", type=int, default=8)
+    ts.add_argument("--ratio", type=float, default=0.5, help="share of tokens replaced by sampled ones")
+    ts.add_argument("--seed", type=int, default=0)
+    tc = tsub.add_parser("convert-dalle", help="OpenAI's DALL-E encoder.pkl + decoder.pkl -> T.safetensors")
+    tc.add_argument("--encoder", required=True)
+    tc.add_argument("--decoder", required=True)
+    tc.add_argument("--out", required=True, help=".safetensors file")
+    tc.add_argument("--trust-pickle", action="store_true", help="allow unpickling (runs code from the files)")
+
     p = sub.add_parser("demo", help="pre-train tiny Vision ELECTRA and MAE on Fashion-MNIST, probe them, write RUN/report.md")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--config", default=None, help="recipe (default: Vision ELECTRA, compared with MAE)")
@@ -139,6 +171,35 @@ def cmd_pretrain(args) -> None:
         print(json.dumps({"run": str(args.out), "step": trainer.total_steps, "loss": row.get("loss"),
                           "wall_s": round(time.time() - start, 1)}))
     D.shutdown()
+
+
+def run_tokenizer_command(args) -> None:
+    from pathlib import Path
+
+    from mimkit.data import build_dataset
+    from mimkit.tokenizers import load_tokenizer
+    if args.action == "train":
+        from mimkit.config import load_config
+        from mimkit.methods import TOKENIZER_METHODS
+        config = args.config or Path(args.out) / "config.yaml"
+        if Path(config).is_file() and load_config(config).method.get("name") not in TOKENIZER_METHODS:
+            raise SystemExit(f"mimkit: error: {config} is not a tokenizer recipe (method.name one of "
+                             f"{', '.join(TOKENIZER_METHODS)}); pick one from configs/tokenizer/")
+        cmd_pretrain(args)
+    elif args.action == "eval":
+        from mimkit.tokenizers.evaluate import evaluate_tokenizer
+        result = evaluate_tokenizer(load_tokenizer(args.tokenizer), build_dataset(args.data, args.split),
+                                    args.num_images, device=default_device(args.device))
+        print(json.dumps({"tokenizer": str(args.tokenizer), **result}))
+    elif args.action == "show":
+        from mimkit.tokenizers.evaluate import show_tokenizer
+        out = show_tokenizer(load_tokenizer(args.tokenizer), build_dataset(args.data, "test"), args.out,
+                             args.num_images, args.seed, args.ratio)
+        print(json.dumps({"png": str(out)}))
+    else:
+        from mimkit.tokenizers.dalle import convert_dalle
+        out = convert_dalle(args.encoder, args.decoder, args.out, args.trust_pickle)
+        print(json.dumps({"tokenizer": str(out)}))
 
 
 def run_probe(args, protocol: str) -> dict:
@@ -327,6 +388,8 @@ def _run(args) -> int:
         from mimkit.export import export_encoder
         weights, meta = export_encoder(args.ckpt, args.out)
         print(json.dumps({"safetensors": str(weights), "json": str(meta)}))
+    elif args.command == "tokenizer":
+        run_tokenizer_command(args)
     elif args.command == "demo":
         from mimkit.demo import run_demo
         run_demo(args.out, args.config, args.steps, args.train_limit, args.device)

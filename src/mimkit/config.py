@@ -85,9 +85,15 @@ class TrainConfig:
 
 
 @dataclass
+class TokenizerConfig:
+    path: str | None = None                 # RUN/last.pt of `mimkit tokenizer train`, or a tokenizer .safetensors
+
+
+@dataclass
 class Config:
     method: dict = field(default_factory=lambda: {"name": "mae"})
     model: ModelConfig = field(default_factory=ModelConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)

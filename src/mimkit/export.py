@@ -23,6 +23,7 @@ def method_from_checkpoint(obj: dict, random_init_seed: int | None = None):
     if random_init_seed is not None:
         torch.manual_seed(random_init_seed)
     method = build_method(cfg, obj["in_chans"])
+    method.set_pixel_stats(*(torch.tensor(obj["data_stats"][k]).view(1, -1, 1, 1) for k in ("mean", "std")))
     if random_init_seed is None:
         method.load_run_state(obj["model"])
     return method, cfg

@@ -84,15 +84,22 @@ def file_sha256(path: str | Path) -> str:
 
 
 def frozen_sources(method) -> dict:
-    """{part: {"path", "sha256"}} for a method's frozen parts, stored in run checkpoints instead of the weights."""
-    return {name: {"path": path, "sha256": file_sha256(path)} for name, path in method.frozen_parts.items()}
+    """{part: {"path", "sha256", "settings"}} for a method's frozen parts, stored in run checkpoints instead of the
+    weights (settings: what a tokenizer reports of its architecture)."""
+    out = {}
+    for name, path in method.frozen_parts.items():
+        settings = getattr(getattr(method, name), "settings", None)
+        out[name] = {"path": path, "sha256": file_sha256(Path(path) / "last.pt" if Path(path).is_dir() else path),
+                     **({"settings": settings()} if callable(settings) else {})}
+    return out
 
 
 def verify_frozen_sources(method, ckpt: dict, where) -> None:
     """A resumed run must reload the very files it was trained with."""
     for name, saved in ckpt.get("frozen", {}).items():
         path = method.frozen_parts.get(name)
-        if path is None or not Path(path).is_file() or file_sha256(path) != saved["sha256"]:
+        file = Path(path) / "last.pt" if path is not None and Path(path).is_dir() else path
+        if file is None or not Path(file).is_file() or file_sha256(file) != saved["sha256"]:
             raise CheckpointError(f"{where} was trained with the frozen {name} from {saved['path']} (sha256 "
                                   f"{saved['sha256'][:12]}), but {path or 'nothing'} differs from it now; point the "
                                   f"config back at that file")

@@ -98,6 +98,7 @@ class Trainer:
 
         torch.manual_seed(t.seed)  # same initial weights on every rank
         self.method = build_method(cfg, self.in_chans).to(self.device)
+        self.method.set_pixel_stats(self.mean, self.std)
         if ckpt is None:
             reports = ([load_init(self.method, init)] if init else []) + self.method.load_initial_weights()
             for report in reports:
@@ -269,7 +270,7 @@ class Trainer:
     def _step(self, images: list[torch.Tensor], running: dict, counts: dict, step: int) -> None:
         accum = len(images)
         epoch = step // self.steps_per_epoch
-        carries = [{"step": step, "epoch": epoch} for _ in images]
+        carries = [{"step": step, "epoch": epoch, "total_steps": self.total_steps} for _ in images]
         bad = torch.zeros((), device=self.device)
         total = torch.zeros((), device=self.device)
 

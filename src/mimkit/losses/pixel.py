@@ -1,6 +1,8 @@
 """Pixel reconstruction losses over masked patches."""
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -19,3 +21,16 @@ def masked_l1(pred: torch.Tensor, target: torch.Tensor, pixel_mask: torch.Tensor
     per_pixel = (pred.float() - target.float()).abs()
     channels = pred.shape[1]
     return (per_pixel * pixel_mask).sum() / (pixel_mask.sum() + 1e-5) / channels
+
+
+def logit_laplace_nll(target: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+    """DALL-E's logit-Laplace reconstruction loss (Ramesh et al. 2021, Appendix A.3), mean over pixel values.
+
+    target: mapped pixels in (0, 1) [B, C, H, W]; output [B, 2C, H, W]: location mu and log-scale ln b of
+    logit(x) ~ Laplace(mu, b). -log p(x) = |logit(x) - mu| / b + ln(2b) + ln(x (1 - x)).
+    """
+    channels = target.shape[1]
+    mu, log_b = output[:, :channels].float(), output[:, channels:].float()
+    x = target.float()
+    nll = (torch.logit(x) - mu).abs() * torch.exp(-log_b) + log_b + math.log(2) + torch.log(x * (1 - x))
+    return nll.mean()

@@ -6,7 +6,7 @@ A method is an nn.Module that
   stage runs a forward for the named stage, one backward, and steps the optimisers of its groups;
 - returns {"loss": scalar, "parts": {name: scalar}} from `forward(images, stage, carry)`; `carry` is a
   dict that lives through one training step, so a later stage can reuse what an earlier one made, and
-  holds the 0-based `step` and `epoch` (loss weights that change over training read them);
+  holds the 0-based `step`, `epoch` and `total_steps` (loss weights that change over training read them);
 - may choose which stages run at a step (`schedule(step, epoch)`: Perceptual MAE's even epochs, lazy R1);
   the choice is a function of the step, so a resumed run makes the same ones;
 - registers frozen parts (tokenizers, loss networks) with `register_frozen`;
@@ -35,6 +35,20 @@ class Method(nn.Module):
     options: type = None                     # dataclass of the method's config keys (method.*)
     stages: tuple[Stage, ...] = (Stage("model", ("model",)),)   # every stage the schedule may choose from
     no_weight_decay_keys: tuple[str, ...] = ()   # parameter-name fragments kept out of weight decay
+
+    def set_pixel_stats(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        """The data's per-channel mean/std [1, C, 1, 1] (the engine normalises images with them), for methods
+        that need pixels in [0, 1] again, e.g. to feed a tokenizer: `to_pixels(images)`."""
+        self.pixel_mean, self.pixel_std = mean, std
+
+    def to_pixels(self, images: torch.Tensor) -> torch.Tensor:
+        """Normalised images -> [0, 1] pixels (clamped)."""
+        mean, std = self.pixel_mean.to(images.device), self.pixel_std.to(images.device)
+        return (images.float() * std + mean).clamp(0, 1)
+
+    def from_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        mean, std = self.pixel_mean.to(pixels.device), self.pixel_std.to(pixels.device)
+        return (pixels - mean) / std
 
     def schedule(self, step: int, epoch: int) -> tuple[Stage, ...]:
         """The stages to run at this step (0-based) and epoch, in order. A pure function of its arguments,
@@ -70,6 +84,17 @@ class Method(nn.Module):
         self.__dict__.setdefault("_frozen_sources", {})[name] = str(source)
         setattr(self, name, module)
         return module
+
+    def attach_tokenizer(self, cfg, in_chans: int, patch_grid: tuple[int, int]):
+        """The frozen tokenizer `tokenizer.path` names, checked against the data's channels and the model's
+        patch grid (one sentence each), registered as the frozen part `tokenizer`."""
+        from mimkit.tokenizers import load_tokenizer
+        if not cfg.tokenizer.path:
+            raise ValueError(f"{type(self).__name__} needs a tokenizer: set tokenizer.path=RUN/last.pt (from 'mimkit "
+                             f"tokenizer train') or a tokenizer .safetensors file")
+        tokenizer = load_tokenizer(cfg.tokenizer.path)
+        tokenizer.check_fits(in_chans, tokenizer.img_size or cfg.model.img_size, patch_grid)
+        return self.register_frozen("tokenizer", tokenizer, cfg.tokenizer.path)
 
     @property
     def frozen_parts(self) -> dict[str, str]:
