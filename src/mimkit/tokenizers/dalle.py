@@ -3,6 +3,7 @@ mapped onto mimkit's `DiscreteVAE` and written as a `.safetensors` tokenizer fil
 file, so it happens only here, only with `--trust-pickle`, and needs the `dall_e` package importable."""
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 
 import torch
@@ -33,7 +34,7 @@ def load_dalle_pickles(encoder_pkl: str | Path, decoder_pkl: str | Path, trust_p
         if not Path(path).is_file():
             raise CheckpointError(f"{path} does not exist; download DALL-E's encoder.pkl and decoder.pkl first")
     try:
-        import dall_e  # noqa: F401  (the pickles reference its classes)  # pickles reference its classes
+        importlib.import_module("dall_e")         # the pickles reference its classes
     except ImportError:
         raise CheckpointError("reading DALL-E's pickles needs the dall-e package: pip install dall-e") from None
     encoder = torch.load(encoder_pkl, map_location="cpu", weights_only=False)
