@@ -274,8 +274,11 @@ class Trainer:
         bad = torch.zeros((), device=self.device)
         total = torch.zeros((), device=self.device)
 
+        logged: set[str] = set()              # names logged this step (a stage may skip steps): counted once each
+
         def add(name: str, value: torch.Tensor) -> None:
             running[name] = running.get(name, 0) + value
+            logged.add(name)
 
         for stage in self.method.schedule(step, epoch):
             prefix = f"{stage.name}/" if self.multi_stage else ""
@@ -291,7 +294,6 @@ class Trainer:
                 for name, value in out["parts"].items():
                     add(prefix + name, value.detach().float() / accum)
             total += stage_loss
-            names = [prefix + n for n in out["parts"]] + ([f"{prefix}loss"] if self.multi_stage else [])
             if self.multi_stage:
                 add(f"{prefix}loss", stage_loss)
             for group in stage.groups:
@@ -300,7 +302,6 @@ class Trainer:
                 norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.optim.clip_grad or float("inf"))
                 found_inf = (~torch.isfinite(norm)).float()
                 add(f"{prefix}grad_norm_{group}", torch.nan_to_num(norm, 0.0))
-                names.append(f"{prefix}grad_norm_{group}")
                 optimizer = self.optimizers[group]
                 if self.fused:
                     optimizer.found_inf = found_inf
@@ -308,10 +309,9 @@ class Trainer:
                 elif not found_inf.item():
                     optimizer.step()
                 bad = torch.maximum(bad, found_inf)
-            for name in names:
-                counts[name] = counts.get(name, 0) + 1
         add("loss", total)
-        counts["loss"] = counts.get("loss", 0) + 1
+        for name in logged:
+            counts[name] = counts.get(name, 0) + 1
         self.nonfinite_total += bad
         self.streak = (self.streak + bad) * bad
         self.max_streak = torch.maximum(self.max_streak, self.streak)
