@@ -38,7 +38,7 @@ class ScheduledToy(Method):
             net[0].load_state_dict(torch.load(self.opts.loss_net, weights_only=True))
             self.register_frozen("loss_net", net, self.opts.loss_net)
 
-    def schedule(self, step, epoch):
+    def schedule(self, step, epoch, total_steps):
         return self.stages if epoch % 2 == 0 else self.stages[:1]
 
     def optim_groups(self):

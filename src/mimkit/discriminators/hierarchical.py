@@ -4,11 +4,15 @@ head (macro level) on the CLS token.
 
 Swin has no CLS token and ends at stride 32: with a Swin backbone the image head reads the mean of the last
 stage's features, and each patch takes the logit of the last-stage cell that covers it (with SimMIM's 32-px
-mask patches a cell is wholly generated or wholly original)."""
+mask patches a cell is wholly generated or wholly original).
+
+GAN-MAE's discriminator ("identical to a ViT for classification", one verdict per token) is the same module
+with a linear patch head (`patch_head="linear"`: one logit per token from its own feature) and no image head."""
 from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.func import functional_call
 
 from mimkit.backbones import SwinBackbone, ViTBackbone
 
@@ -31,13 +35,20 @@ class CNNPatchHead(nn.Module):
 class HierarchicalDiscriminator(nn.Module):
     """forward(images) -> (patch logits [B, L], image logits [B]); logit > 0 means "original".
 
-    A level whose head is switched off (Vision ELECTRA's Table 3 ablations) has no head and returns None."""
+    A level whose head is switched off (Vision ELECTRA's Table 3 ablations) has no head and returns None.
+    `patch_head`: True or "cnn" (Vision ELECTRA), "linear" (GAN-MAE: a 1x1 convolution, i.e. a linear layer per
+    token), False (none)."""
 
     def __init__(self, backbone: ViTBackbone | SwinBackbone, patch_head_hidden: int | None = None,
-                 patch_head: bool = True, image_head: bool = True):
+                 patch_head: bool | str = True, image_head: bool = True):
         super().__init__()
+        if patch_head not in (True, False, "cnn", "linear"):
+            raise ValueError(f"patch_head must be cnn, linear or off, not {patch_head!r}")
         self.backbone = backbone
-        self.patch_head = CNNPatchHead(backbone.embed_dim, patch_head_hidden) if patch_head else None
+        if patch_head == "linear":
+            self.patch_head = nn.Conv2d(backbone.embed_dim, 1, 1)
+        else:
+            self.patch_head = CNNPatchHead(backbone.embed_dim, patch_head_hidden) if patch_head else None
         self.image_head = nn.Linear(backbone.embed_dim, 1) if image_head else None
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -59,3 +70,10 @@ class HierarchicalDiscriminator(nn.Module):
         if self.image_head is not None:
             image_logits = self.image_head(feats.mean(dim=(1, 2))).squeeze(-1)
         return patch_logits, image_logits
+
+    def forward_frozen(self, images: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The verdicts with every parameter detached: gradients reach the images (the generator) only, never
+        D's weights, even where D shares its backbone with the generator."""
+        frozen = {n: p.detach() for n, p in self.named_parameters()}
+        frozen.update(dict(self.named_buffers()))
+        return functional_call(self, frozen, (images,))

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torchvision.utils import make_grid, save_image
@@ -54,15 +55,22 @@ def _step_of(line: str) -> int | None:
 
 def to_display(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
     """Normalised [B, C, H, W] -> [B, 1 or 3, H, W] in [0, 1]; more than 3 channels shows the first 3."""
-    x = (images.float() * std + mean).clamp(0, 1)
+    x = (images.float() * std.to(images.device) + mean.to(images.device)).clamp(0, 1)
     if x.shape[1] == 2:
         x = x[:, :1]
     return x[:, :3] if x.shape[1] > 3 else x
 
 
+class RenderedRow(NamedTuple):
+    """A sample-grid row already rendered for display (RGB in [0, 1], e.g. a heat map), not normalised data."""
+    label: str
+    image: torch.Tensor
+
+
 def save_rows_grid(rows: list[tuple[str, torch.Tensor]], mean, std, path: Path, min_tile: int = 84) -> torch.Tensor:
     """Saves a grid with one row per entry (e.g. original | masked | reconstruction) and returns it."""
-    shown = [to_display(x, mean, std).cpu() for _, x in rows]
+    shown = [x.clamp(0, 1) if isinstance(row, RenderedRow) else to_display(x, mean, std)
+             for row in rows for x in [row[1].float().cpu()]]
     scale = -(-min_tile // shown[0].shape[-2])  # small images (28 px) are enlarged to be seen
     if scale > 1:
         shown = [torch.nn.functional.interpolate(x, scale_factor=scale, mode="nearest") for x in shown]

@@ -134,6 +134,8 @@ class Trainer:
             raise RuntimeError(f"{type(self.method).__name__}.optim_groups puts a parameter in two groups")
         self.optimizers, self.schedulers = {}, {}
         for g, named in groups.items():
+            if not named:   # an empty group (e.g. a shared backbone when sharing is off) gets no optimiser
+                continue
             group_cfg = cfg.optim.groups.get(g, GroupOptimConfig())
             self.optimizers[g] = make_optimizer(named, cfg, self.lr * group_cfg.lr_scale, group_cfg,
                                                 self.method.no_weight_decay_keys)
@@ -151,6 +153,7 @@ class Trainer:
         self.streak = torch.zeros((), device=self.device)
         self.max_streak = torch.zeros((), device=self.device)
         self.skipped_images = 0
+        self.train_seconds = 0.0          # wall time of the training steps, summed over resumes
         self.start_step = 0
         self._restored_rng = None
         if self.dist.is_main and self.out.is_dir():  # a save cut short by a crash leaves only its temporary file
@@ -234,8 +237,12 @@ class Trainer:
             images_seen += sum(x.shape[0] for x in images) * self.dist.world_size
             bar.update(1)
             if step_done % t.log_every == 0 or step_done == self.total_steps:
+                last_row = self._log_row(step_done, running, counts)     # syncs: the timing below is the device's
                 elapsed = time.perf_counter() - tick
-                last_row = self._log_row(step_done, running, counts, images_seen / max(elapsed, 1e-9))
+                self.train_seconds += elapsed
+                last_row["img_per_s"] = images_seen / max(elapsed, 1e-9)
+                last_row["step_s"] = elapsed / counts["loss"]            # Table 4 of GAN-MAE: time per scheme
+                last_row["train_hours"] = self.train_seconds / 3600
                 running, counts, images_seen, tick = {}, {}, 0, time.perf_counter()
                 if log is not None:
                     log.write(last_row)
@@ -280,7 +287,7 @@ class Trainer:
             running[name] = running.get(name, 0) + value
             logged.add(name)
 
-        for stage in self.method.schedule(step, epoch):
+        for stage in self.method.schedule(step, epoch, self.total_steps):
             prefix = f"{stage.name}/" if self.multi_stage else ""
             for params in self.params.values():
                 for p in params:
@@ -297,6 +304,8 @@ class Trainer:
             if self.multi_stage:
                 add(f"{prefix}loss", stage_loss)
             for group in stage.groups:
+                if group not in self.optimizers:
+                    continue
                 params = self.params[group]
                 D.average_gradients(params, self.dist.world_size)
                 norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.optim.clip_grad or float("inf"))
@@ -316,7 +325,7 @@ class Trainer:
         self.streak = (self.streak + bad) * bad
         self.max_streak = torch.maximum(self.max_streak, self.streak)
 
-    def _log_row(self, step: int, running: dict, counts: dict, img_per_s: float) -> dict:
+    def _log_row(self, step: int, running: dict, counts: dict) -> dict:
         names = list(running)
         values = torch.stack([torch.as_tensor(running[n], device=self.device).float() for n in names]
                              + [self.nonfinite_total, self.max_streak]).tolist()   # the one sync per log
@@ -326,7 +335,6 @@ class Trainer:
         row["lr"] = next(iter(self.optimizers.values())).param_groups[0]["lr"]
         if len(self.optimizers) > 1:
             row.update({f"lr_{g}": opt.param_groups[0]["lr"] for g, opt in self.optimizers.items()})
-        row["img_per_s"] = img_per_s
         row["nonfinite_steps"] = int(values[-2])
         row["max_nonfinite_streak"] = int(values[-1])
         self.max_streak.zero_()  # streaks are reported per logging interval
@@ -365,7 +373,8 @@ class Trainer:
             "trainable": [n for n, p in self.method.named_parameters() if p.requires_grad],
             "optimizers": {g: opt.state_dict() for g, opt in self.optimizers.items()},
             "rng": rng, "world_size": self.dist.world_size,
-            "counters": {"nonfinite_total": float(self.nonfinite_total), "skipped_images": self.skipped_images},
+            "counters": {"nonfinite_total": float(self.nonfinite_total), "skipped_images": self.skipped_images,
+                         "train_seconds": self.train_seconds},
         }
         save_atomic(payload, path or self.out / "last.pt")
 
@@ -379,6 +388,7 @@ class Trainer:
         self._restored_rng = mine
         self.nonfinite_total.fill_(ckpt["counters"]["nonfinite_total"])
         self.skipped_images = int(ckpt["counters"]["skipped_images"])
+        self.train_seconds = float(ckpt["counters"].get("train_seconds", 0.0))
         self._print(f"resuming {self.out} from step {self.start_step}" + (f" ({path.name})" if path.name != "last.pt" else ""))
 
     def _print(self, message: str) -> None:

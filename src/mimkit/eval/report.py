@@ -105,7 +105,7 @@ def run_report(specs: list[str], out: str | Path, data: str = "fashion-mnist", p
                                 out / f"attention-{i}.png")
             row["attention_png"] = f"attention-{i}.png"
         torch.manual_seed(seed)
-        recon_rows = [(name, x.float().cpu()) for name, x in entry.method.reconstruction_rows(images.to(device))]
+        recon_rows = entry.method.reconstruction_rows(images.to(device))
         mean_t, std_t = (torch.tensor(v).view(1, -1, 1, 1) for v in (entry.mean, entry.std))
         save_rows_grid(recon_rows, mean_t, std_t, out / f"reconstruction-{i}.png")
         row["reconstruction_png"] = f"reconstruction-{i}.png"

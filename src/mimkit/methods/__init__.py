@@ -1,16 +1,18 @@
 """Methods: one file per paper, composed from backbones, masking, targets and losses."""
 from mimkit.methods.base import CheckpointMismatch, Method, Stage
 from mimkit.methods.dvae import DVAETraining
+from mimkit.methods.gan_mae import GANMAE
 from mimkit.methods.mae import MAE
 from mimkit.methods.simmim import SimMIM
 from mimkit.methods.vision_electra import VisionElectra
 from mimkit.methods.vqvae import VQVAETraining
 
-METHODS: dict[str, type[Method]] = {"mae": MAE, "simmim": SimMIM, "vision_electra": VisionElectra,
+METHODS: dict[str, type[Method]] = {"mae": MAE, "simmim": SimMIM, "vision_electra": VisionElectra, "gan_mae": GANMAE,
                                     "dvae": DVAETraining, "vqvae": VQVAETraining}
 TOKENIZER_METHODS = ("dvae", "vqvae")
 
-__all__ = ["METHODS", "TOKENIZER_METHODS", "Method", "Stage", "CheckpointMismatch", "MAE", "SimMIM", "VisionElectra", "build_method"]
+__all__ = ["METHODS", "TOKENIZER_METHODS", "Method", "Stage", "CheckpointMismatch", "MAE", "SimMIM", "VisionElectra",
+           "GANMAE", "build_method"]
 
 
 def build_method(cfg, in_chans: int) -> Method:

@@ -7,7 +7,8 @@ A method is an nn.Module that
 - returns {"loss": scalar, "parts": {name: scalar}} from `forward(images, stage, carry)`; `carry` is a
   dict that lives through one training step, so a later stage can reuse what an earlier one made, and
   holds the 0-based `step`, `epoch` and `total_steps` (loss weights that change over training read them);
-- may choose which stages run at a step (`schedule(step, epoch)`: Perceptual MAE's even epochs, lazy R1);
+- may choose which stages run at a step (`schedule(step, epoch, total_steps)`: Perceptual MAE's even
+  epochs, lazy R1, GAN-MAE's two-stage scheme);
   the choice is a function of the step, so a resumed run makes the same ones;
 - registers frozen parts (tokenizers, loss networks) with `register_frozen`;
 - never calls `optimizer.step()` itself: the engine does, in the declared order.
@@ -50,13 +51,14 @@ class Method(nn.Module):
         mean, std = self.pixel_mean.to(pixels.device), self.pixel_std.to(pixels.device)
         return (pixels - mean) / std
 
-    def schedule(self, step: int, epoch: int) -> tuple[Stage, ...]:
-        """The stages to run at this step (0-based) and epoch, in order. A pure function of its arguments,
+    def schedule(self, step: int, epoch: int, total_steps: int) -> tuple[Stage, ...]:
+        """The stages to run at this step (0-based) and epoch of a `total_steps` run, in order. A pure function of its arguments,
         so a resumed run makes the same choices. Default: every declared stage, every step."""
         return self.stages
 
     def optim_groups(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
-        """Optimiser group name -> the (name, parameter) pairs it updates; every trainable parameter in one group."""
+        """Optimiser group name -> the (name, parameter) pairs it updates; every trainable parameter in one group.
+        A group may be empty (e.g. GAN-MAE's shared backbone when sharing is off): it gets no optimiser."""
         return {"model": [(n, p) for n, p in self.named_parameters() if p.requires_grad]}
 
     @property
@@ -65,7 +67,9 @@ class Method(nn.Module):
         raise NotImplementedError
 
     def reconstruction_rows(self, images: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
-        """Rows of the sample grid, e.g. [("original", x), ("masked", ...), ("reconstruction", ...)]."""
+        """Rows of the sample grid, e.g. [("original", x), ("masked", ...), ("reconstruction", ...)], images in the
+        data's normalisation; a row already rendered for display (RGB in [0, 1], e.g. a heat map) is a
+        `RenderedRow`."""
         raise NotImplementedError
 
     def pretrained_parts(self, state_dict: dict) -> list:

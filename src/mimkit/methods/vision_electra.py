@@ -31,7 +31,6 @@ import dataclasses
 from dataclasses import dataclass
 
 import torch
-from torch.func import functional_call
 
 from mimkit.backbones import build_backbone
 from mimkit.config import Config, method_options
@@ -171,9 +170,7 @@ class VisionElectra(Method):
         """Eq. 2: -1/M sum_i log D(x_i^r) over the M generated patches - log D(x_0^r), through a D whose
         parameters are detached (its weights get no gradient; G gets all of it). A level whose head is off
         (Table 3) drops its term."""
-        frozen = {n: p.detach() for n, p in self.discriminator.named_parameters()}
-        frozen.update(dict(self.discriminator.named_buffers()))
-        patch_logits, image_logits = functional_call(self.discriminator, frozen, (fake,))
+        patch_logits, image_logits = self.discriminator.forward_frozen(fake)
         per_image = torch.zeros(fake.shape[0], device=fake.device)
         if patch_logits is not None:
             weight = mask.float()

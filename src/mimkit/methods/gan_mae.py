@@ -1,0 +1,247 @@
+"""GAN-MAE: Masked Auto-Encoders Meet Generative Adversarial Networks and Beyond (Fei et al., CVPR 2023;
+shared/papers/002_ef509a60956ce188.txt, a short summary: no code was released, so every choice it leaves open
+is written here and is an option).
+
+Parts (summary, "GAN-MAE Framework"):
+- Generator: a standard MAE, H_v = f_e(X_v, M), X~_m = f_d(H_v, M); random masking, ratio 0.75.
+- Discriminator: "identical to a ViT for classification" over the corrupted sequence X- = {X_v, X~_m} (original
+  visible patches, generated masked ones), one binary verdict per token, D(X-, k) = p(y^k | X-, k): a ViT
+  backbone with a linear head on every patch token (logit > 0 = original).
+- Sharing (Algorithm 1 line 1, Table 3): by default the generator's encoder *is* D's backbone.
+
+Losses (logits l, D = sigmoid(l); y^k = 1 for an original token, 0 for a generated one):
+- L_mae = mean over masked patches of the per-patch mean squared error (MAE's reduction of the summary's
+  sum_{k in M} ||x~^k - x^k||^2; a sum would tie the loss scale to the patch size and mask count).
+- L_disc = mean over all N tokens of BCE(l^k, y^k) (the summary's sum over k, averaged likewise).
+- L_adv as the summary writes it: log D(X_v) + log(1 - D(X~_m)), i.e. the log-likelihood D assigns to the
+  right answer, which is exactly -L_disc. The generator *minimises* L_gen = L_mae + gamma L_adv, so it
+  maximises D's loss: the minimax game of Goodfellow et al. (G minimises log(1 - D(G(z)))). Minimising
+  log(1 - D(X~_m)) drives D's verdict on the generated patches to "original"; minimising log D(X_v) drives
+  D's verdict on the true visible patches, which the generated ones surround in D's attention, to
+  "generated". This is the only reading under which minimising L_gen fools D (the opposite sign would help
+  D). `adversarial_loss=minimax` (default) is this; `nonsaturating` is the usual practical replacement,
+  BCE against the flipped labels over all N tokens (-log D(X~_m) - log(1 - D(X_v))), whose gradient does not
+  vanish when D wins. Both average over the N tokens as L_disc does. D's weights are detached in L_adv
+  (`HierarchicalDiscriminator.forward_frozen`): it reaches the generator through the generated patches only.
+- Adaptive gamma (the summary says "adaptive" and nothing more): VQGAN's balance (Esser et al. 2021, Eq. 7),
+  gamma = gamma_base * clamp(||grad_w L_mae|| / (||grad_w L_adv|| + 1e-4), 0, gamma_max), w = the generator's
+  last layer (the decoder's prediction weight), detached; VQGAN's base 1.0 and clamp 1e4 are the defaults. It
+  costs one more backward pass through D per step. `gamma=<number>` fixes it instead. gamma is logged.
+
+What the generator predicts: raw patches in the data's normalisation (`norm_pix_loss` off), so that its
+output is an image D can judge. With `norm_pix_loss=true` (MAE's best setting) the prediction is turned back
+into pixels with each masked patch's true mean and std before D sees it: D then judges structure only,
+and the true patch statistics leak into X-; an option, off by default.
+
+Training schemes (Table 4), all as engine stages (the method never steps an optimiser):
+- `adversarial` (Algorithm 1, default): per batch, a generator stage on L_gen (steps G and the shared
+  backbone), then a discriminator stage on L_disc over X- built from that same step's generated patches,
+  detached (steps D and the shared backbone). With sharing, the shared backbone gets L_mae and gamma L_adv
+  (through G's path only) in the first stage and L_disc in the second, one optimiser stepped twice.
+- `combined`: one stage, one loss L_gen + L_disc with the same detachments (as Vision ELECTRA trains).
+- `two-stage`: plain MAE (L_mae only, D idle) for the first `two_stage_switch` share of the run, then
+  `adversarial`.
+Table 4's GPU-time column: every run logs `step_s` (mean seconds per step over the log interval, after the
+log's device sync) and `train_hours`.
+
+Which backbone is the result (Table 3): `encoder=shared` (sharing on; the default), or with
+`share_weights=false` `encoder=generator` (MAE's encoder) or `encoder=discriminator` (D's backbone).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from mimkit.backbones import build_backbone
+from mimkit.config import Config, method_options
+from mimkit.discriminators import HierarchicalDiscriminator
+from mimkit.engine.logging import RenderedRow
+from mimkit.eval.attention import overlay
+from mimkit.losses import discriminator_loss, generator_loss, masked_mse
+from mimkit.methods.base import Method, Stage
+from mimkit.methods.mae import MAEGenerator, MAEOptions
+from mimkit.patches import mask_to_pixels, patchify, unpatchify
+
+SCHEMES = ("adversarial", "combined", "two-stage")
+ENCODERS = ("shared", "generator", "discriminator")
+GENERATOR_STAGE = Stage("generator", ("generator", "backbone"))
+DISCRIMINATOR_STAGE = Stage("discriminator", ("discriminator", "backbone"))
+JOINT_STAGE = Stage("joint", ("generator", "discriminator", "backbone"))
+
+
+@dataclass
+class GANMAEOptions:
+    mask_ratio: float = 0.75
+    norm_pix_loss: bool = False          # see the module docstring: raw patches, so that D judges an image
+    decoder_dim: int = 512
+    decoder_depth: int = 8
+    decoder_heads: int = 16
+    share_weights: bool = True           # Algorithm 1 line 1
+    encoder: str | None = None           # shared | generator | discriminator (Table 3); None: by share_weights
+    scheme: str = "adversarial"          # adversarial | combined | two-stage (Table 4)
+    two_stage_switch: float = 0.5        # two-stage: share of the run trained as plain MAE
+    adversarial_loss: str = "minimax"    # minimax (the summary's L_adv) | nonsaturating (flipped labels)
+    gamma: str | float = "adaptive"      # adaptive (VQGAN's gradient-norm balance) | a fixed number
+    gamma_base: float = 1.0
+    gamma_max: float = 1.0e4
+
+    def __post_init__(self):   # checked when the config is read
+        check_options(self)
+
+
+class GANMAE(Method):
+    options = GANMAEOptions
+    stages = (GENERATOR_STAGE, DISCRIMINATOR_STAGE, JOINT_STAGE)   # every stage a scheme may run
+
+    def __init__(self, cfg: Config, in_chans: int, opts: GANMAEOptions | None = None):
+        super().__init__()
+        self.opts = o = opts or method_options(cfg)
+        if o.encoder is None:
+            o.encoder = cfg.method["encoder"] = "shared" if o.share_weights else "discriminator"
+        d_backbone = build_backbone(cfg.model, in_chans, mask_token=False)
+        g_encoder = d_backbone if o.share_weights else build_backbone(cfg.model, in_chans, mask_token=False)
+        self.generator = MAEGenerator(g_encoder, MAEOptions(o.mask_ratio, o.norm_pix_loss, o.decoder_dim,
+                                                            o.decoder_depth, o.decoder_heads))
+        self.discriminator = HierarchicalDiscriminator(d_backbone, patch_head="linear", image_head=False)
+        self.patch_size, self.grid, self.in_chans = d_backbone.patch_size, d_backbone.grid, in_chans
+        self.stages = {"adversarial": (GENERATOR_STAGE, DISCRIMINATOR_STAGE), "combined": (JOINT_STAGE,),
+                       "two-stage": (GENERATOR_STAGE, DISCRIMINATOR_STAGE)}[o.scheme]
+
+    @property
+    def encoder(self):
+        return self.generator.encoder if self.opts.encoder == "generator" else self.discriminator.backbone
+
+    def optim_groups(self):
+        shared = {id(p) for p in self.discriminator.backbone.parameters()} if self.opts.share_weights else set()
+        trainable = lambda module: [(n, p) for n, p in module.named_parameters() if p.requires_grad]  # noqa: E731
+        return {"generator": [(n, p) for n, p in trainable(self.generator) if id(p) not in shared],
+                "discriminator": [(n, p) for n, p in trainable(self.discriminator) if id(p) not in shared],
+                "backbone": trainable(self.discriminator.backbone) if self.opts.share_weights else []}
+
+    def adversarial_from(self, step: int, total_steps: int) -> bool:
+        """Whether the adversarial terms run at this step (always, except in a two-stage run's MAE part)."""
+        return self.opts.scheme != "two-stage" or step >= round(self.opts.two_stage_switch * total_steps)
+
+    def schedule(self, step: int, epoch: int, total_steps: int) -> tuple[Stage, ...]:
+        return self.stages if self.adversarial_from(step, total_steps) else (GENERATOR_STAGE,)
+
+    # ------------------------------------------------------------------ generator and corrupted image
+    def corrupt(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(mask [B, L] True = generated, prediction in the loss's space [B, L, p*p*C], corrupted image X-)."""
+        mask = self.generator.mask(images)
+        pred = self.generator(images, mask)
+        real = patchify(images, self.patch_size)
+        fake = pred
+        if self.opts.norm_pix_loss:   # back to pixels with the true patches' statistics (see the docstring)
+            fake = pred * (real.var(dim=-1, keepdim=True) + 1e-6) ** 0.5 + real.mean(dim=-1, keepdim=True)
+        mixed = torch.where(mask.unsqueeze(-1), fake.to(real.dtype), real)
+        return mask, pred, unpatchify(mixed, self.patch_size, self.grid, self.in_chans)
+
+    def adversarial_loss(self, logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """L_adv over all N tokens (labels 1 = original, 0 = generated), minimised by the generator."""
+        labels = (~mask).float()
+        if self.opts.adversarial_loss == "minimax":
+            return -discriminator_loss(logits, labels)             # log D(X_v) + log(1 - D(X~_m)), averaged
+        return generator_loss(torch.where(mask, logits, -logits))  # -log D(X~_m) - log(1 - D(X_v)), averaged
+
+    def adaptive_gamma(self, loss_mae: torch.Tensor, loss_adv: torch.Tensor) -> torch.Tensor:
+        """gamma_base * clamp(||grad L_mae|| / (||grad L_adv|| + 1e-4), 0, gamma_max) at the generator's last layer."""
+        o = self.opts
+        if o.gamma != "adaptive":
+            return torch.tensor(float(o.gamma), device=loss_mae.device)
+        last = self.generator.decoder_pred.weight
+        g_mae = torch.autograd.grad(loss_mae, last, retain_graph=True)[0]
+        g_adv = torch.autograd.grad(loss_adv, last, retain_graph=True)[0]
+        ratio = g_mae.float().norm() / (g_adv.float().norm() + 1e-4)
+        return (o.gamma_base * ratio.clamp(0, o.gamma_max)).detach()
+
+    # ------------------------------------------------------------------ stages
+    def forward(self, images: torch.Tensor, stage: str = "generator", carry: dict | None = None) -> dict:
+        carry = carry if carry is not None else {}
+        adversarial = self.adversarial_from(carry.get("step", 0), carry.get("total_steps", 1))
+        if stage == "discriminator":
+            return self.discriminator_stage(carry)
+        out = self.generator_stage(images, carry, adversarial)
+        if stage == "joint":
+            d_out = self.discriminator_stage(carry)
+            out = {"loss": out["loss"] + d_out["loss"], "parts": {**out["parts"], **d_out["parts"]}}
+        return out
+
+    def generator_stage(self, images: torch.Tensor, carry: dict, adversarial: bool = True) -> dict:
+        """L_gen = L_mae + gamma L_adv; leaves the mask and the detached corrupted image for D's stage."""
+        mask, pred, corrupted = self.corrupt(images)
+        carry["mask"], carry["corrupted"] = mask, corrupted.detach()
+        loss_mae = masked_mse(pred, self.generator.target(images), mask)
+        parts = {"loss_mae": loss_mae}
+        if not adversarial:
+            return {"loss": loss_mae, "parts": parts}
+        logits, _ = self.discriminator.forward_frozen(corrupted)
+        loss_adv = self.adversarial_loss(logits, mask)
+        gamma = self.adaptive_gamma(loss_mae, loss_adv)
+        parts.update(loss_adv=loss_adv, gamma=gamma)
+        return {"loss": loss_mae + gamma * loss_adv, "parts": parts}
+
+    def discriminator_stage(self, carry: dict) -> dict:
+        """L_disc: per-token BCE over all N tokens of X- (labels 1 = original, 0 = generated)."""
+        mask = carry["mask"]
+        logits, _ = self.discriminator(carry["corrupted"])
+        loss_disc = discriminator_loss(logits, (~mask).float())
+        return {"loss": loss_disc, "parts": {"loss_disc": loss_disc, **token_accuracy(logits.detach(), mask)}}
+
+    # ------------------------------------------------------------------ pictures and weights
+    @torch.no_grad()
+    def reconstruction_rows(self, images: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+        """original | masked | reconstruction (X-) | D's verdict: P(generated) per patch over X- (Fig. 3)."""
+        mask, _, corrupted = self.corrupt(images)
+        keep = 1 - mask_to_pixels(mask, self.patch_size, self.grid).to(images.dtype)
+        logits, _ = self.discriminator(corrupted)
+        p_generated = torch.sigmoid(-logits.float()).view(-1, 1, *self.grid)
+        heat = torch.nn.functional.interpolate(p_generated, size=images.shape[-2:], mode="nearest")
+        shown = (corrupted.float() * self.pixel_std.to(images.device) + self.pixel_mean.to(images.device)).clamp(0, 1)
+        gray = shown.mean(1, keepdim=True) if shown.shape[1] != 1 else shown
+        return [("original", images), ("masked", images * keep), ("reconstruction", corrupted),
+                RenderedRow("D: P(generated)", overlay(gray, heat))]
+
+    def pretrained_parts(self, state_dict: dict) -> list:
+        """`--init FILE`: the generator (MAE release or any mimkit run: encoder required, decoder if present) and,
+        without sharing, D's backbone from the same encoder."""
+        from mimkit.pretrained import Part, encoder_state, mae_generator_parts
+        parts = mae_generator_parts(self.generator, state_dict, decoder_required=False)
+        if not self.opts.share_weights:
+            backbone = self.discriminator.backbone
+            parts.append(Part("discriminator encoder", backbone, encoder_state(state_dict, backbone)))
+        return parts
+
+
+def check_options(o: GANMAEOptions) -> None:
+    if o.scheme not in SCHEMES:
+        raise ValueError(f"method.scheme must be one of {', '.join(SCHEMES)}, not {o.scheme!r}")
+    if o.encoder is not None and o.encoder not in ENCODERS:
+        raise ValueError(f"method.encoder must be one of {', '.join(ENCODERS)}, not {o.encoder!r}")
+    if o.share_weights and o.encoder not in (None, "shared"):
+        raise ValueError(f"method.encoder={o.encoder} names one of two backbones, but method.share_weights=true makes "
+                         f"them one; set method.share_weights=false (Table 3's unshared rows) or method.encoder=shared")
+    if not o.share_weights and o.encoder == "shared":
+        raise ValueError("method.encoder=shared needs method.share_weights=true")
+    if o.adversarial_loss not in ("minimax", "nonsaturating"):
+        raise ValueError(f"method.adversarial_loss must be minimax or nonsaturating, not {o.adversarial_loss!r}")
+    if o.gamma != "adaptive":
+        try:
+            value = float(o.gamma)
+        except (TypeError, ValueError):
+            raise ValueError(f"method.gamma must be adaptive or a number >= 0, not {o.gamma!r}") from None
+        if value < 0:
+            raise ValueError(f"method.gamma={value} is out of range: it must be >= 0")
+    if not 0 <= o.two_stage_switch <= 1:
+        raise ValueError(f"method.two_stage_switch={o.two_stage_switch} is out of range: it must be in [0, 1]")
+    if o.gamma_base < 0 or o.gamma_max <= 0:
+        raise ValueError("method.gamma_base must be >= 0 and method.gamma_max > 0")
+
+
+@torch.no_grad()
+def token_accuracy(logits: torch.Tensor, mask: torch.Tensor) -> dict:
+    """D's per-token accuracy on the original (visible) tokens and on the generated (masked) ones."""
+    generated = mask.float()
+    return {"acc_real": ((logits > 0).float() * (1 - generated)).sum() / (1 - generated).sum().clamp(min=1),
+            "acc_fake": ((logits < 0).float() * generated).sum() / generated.sum().clamp(min=1)}
