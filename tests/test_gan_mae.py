@@ -4,9 +4,15 @@ import math
 
 import pytest
 import torch
+from PIL import Image
 
+from mimkit import load_encoder
+from mimkit.cli import main
 from mimkit.config import ConfigError, load_config
+from mimkit.discriminators import forward_frozen
+from mimkit.engine.checkpoint import load_checkpoint
 from mimkit.engine.trainer import Trainer
+from mimkit.export import export_encoder, method_from_checkpoint
 from mimkit.methods import build_method
 from mimkit.patches import patchify, unpatchify
 from tests.conftest import tiny_config
@@ -93,7 +99,7 @@ def test_adaptive_gamma_is_the_gradient_norm_ratio_at_the_last_layer(monkeypatch
     loss_mae.backward(retain_graph=True)
     g_mae = last.grad.norm().item()
     last.grad = None
-    method.adversarial_loss(method.discriminator.forward_frozen(corrupted)[0], MASK).backward()
+    method.adversarial_loss(forward_frozen(method.discriminator, corrupted)[0], MASK).backward()
     g_adv = last.grad.norm().item()
     assert out["parts"]["gamma"].item() == pytest.approx(0.8 * g_mae / (g_adv + 1e-4), rel=1e-4)
     assert not out["parts"]["gamma"].requires_grad                      # a weight, not a path for gradients
@@ -225,4 +231,16 @@ def test_tiny_gan_mae_learns_and_its_discriminator_beats_chance(fmnist_small, tm
     log = rows(tmp_path / "run")
     assert log[-1]["generator/loss_mae"] < 0.8 * log[0]["generator/loss_mae"]
     assert log[-1]["discriminator/acc_fake"] > 0.5 and log[-1]["discriminator/acc_real"] > 0.5, log[-1]
-    assert (tmp_path / "run/samples/final.png").exists()
+    grid = Image.open(tmp_path / "run/samples/final.png")
+    assert grid.mode == "RGB" and grid.size[1] == 4 * 84 + 5 * 2         # four rows, the last an RGB heat map
+    # the result is the shared backbone: `eval report` and export take the run like any other
+    assert main(["eval", "report", str(tmp_path / "run"), "--out", str(tmp_path / "rep"), "--data", f"idx:{fmnist_small}",
+                 "--train-limit", "300", "--test-limit", "100", "--severities", "5"]) == 0
+    assert "gan_mae" in (tmp_path / "rep/report.md").read_text()
+    assert (tmp_path / "rep/reconstruction-0.png").exists()
+    weights, _ = export_encoder(tmp_path / "run/last.pt", tmp_path / "enc")
+    method, _ = method_from_checkpoint(load_checkpoint(tmp_path / "run/last.pt"))
+    x = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        expected = method.discriminator.backbone.model.eval().forward_features(x)
+        assert torch.allclose(load_encoder(weights).forward_features(x), expected, atol=1e-5)

@@ -71,9 +71,10 @@ class HierarchicalDiscriminator(nn.Module):
             image_logits = self.image_head(feats.mean(dim=(1, 2))).squeeze(-1)
         return patch_logits, image_logits
 
-    def forward_frozen(self, images: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """The verdicts with every parameter detached: gradients reach the images (the generator) only, never
-        D's weights, even where D shares its backbone with the generator."""
-        frozen = {n: p.detach() for n, p in self.named_parameters()}
-        frozen.update(dict(self.named_buffers()))
-        return functional_call(self, frozen, (images,))
+
+def forward_frozen(discriminator: nn.Module, images: torch.Tensor):
+    """The discriminator's output with every parameter detached: gradients reach the images (the generator)
+    only, never D's weights, even where D shares its backbone with the generator."""
+    frozen = {n: p.detach() for n, p in discriminator.named_parameters()}
+    frozen.update(dict(discriminator.named_buffers()))
+    return functional_call(discriminator, frozen, (images,))

@@ -9,6 +9,10 @@ decoder, which predicts the logit-Laplace parameters of every pixel; loss = reco
 - KL weight beta: cosine from 0 to 6.6 over the first `kl_warmup` share of training (DALL-E: 5000 updates).
 - Normalisation (a choice: the paper sums over the whole image): the reconstruction NLL is the mean over pixel
   values and the KL, summed over positions, is divided by the same count, so their ratio is DALL-E's.
+- Prior term (`kl_to_prior`): `per_position` (DALL-E's ELB: KL(q(z_i | x) || uniform) at every position i), or
+  `batch_average` (an option, not DALL-E: KL of the batch-averaged q to uniform, times the number of positions,
+  as wav2vec 2.0's diversity loss): it asks for all codes to be used without asking every single posterior
+  to stay uncertain.
 - Reconstruction: `logit_laplace` (DALL-E's; on pixels mapped to [0.1, 0.9]), or `l1` / `mse` on the decoded
   image in [0, 1] (options). Anneals read the step from the engine, so a resumed run continues them exactly.
 Images reach the method normalised by the data's mean/std; the tokenizer sees them in [0, 1].
@@ -40,6 +44,7 @@ class DVAEOptions:
     temperature_anneal: float = 0.05     # share of the run over which tau is annealed (cosine)
     kl_weight: float = 6.6               # beta at the end of its warm-up
     kl_warmup: float = 0.0017            # share of the run over which beta rises from 0 (cosine)
+    kl_to_prior: str = "per_position"    # per_position (DALL-E) | batch_average (see the docstring)
 
 
 def cosine_ramp(start: float, end: float, step: int, length: int) -> float:
@@ -57,6 +62,8 @@ class DVAETraining(Method):
         self.opts = o = opts or method_options(cfg)
         if o.recon_loss not in ("logit_laplace", "l1", "mse"):
             raise ValueError(f"method.recon_loss must be logit_laplace, l1 or mse, not {o.recon_loss!r}")
+        if o.kl_to_prior not in ("per_position", "batch_average"):
+            raise ValueError(f"method.kl_to_prior must be per_position or batch_average, not {o.kl_to_prior!r}")
         self.tokenizer = DiscreteVAE(in_chans, o.vocab_size, o.n_hid, o.n_init, o.groups, o.blocks_per_group,
                                      list(cfg.model.img_size))
         self.tokenizer.grid_for(cfg.model.img_size)    # fail now on a size the down-sampling does not divide
@@ -87,8 +94,14 @@ class DVAETraining(Method):
             decoded = self.tokenizer.image_from_output(output)
             recon = (decoded - x).abs().mean() if self.opts.recon_loss == "l1" else (decoded - x).pow(2).mean()
         log_q = F.log_softmax(logits, dim=1)
-        kl = (log_q.exp() * (log_q + math.log(self.opts.vocab_size))).sum(1)      # KL(q || uniform) per position
-        loss_kl = kl.sum((1, 2)).mean() / x[0].numel()                            # per pixel value, as the NLL
+        positions = logits.shape[2] * logits.shape[3]
+        if self.opts.kl_to_prior == "per_position":
+            kl = (log_q.exp() * (log_q + math.log(self.opts.vocab_size))).sum(1)  # KL(q || uniform) per position
+            loss_kl = kl.sum((1, 2)).mean() / x[0].numel()                        # per pixel value, as the NLL
+        else:
+            q_mean = log_q.exp().mean((0, 2, 3))                                  # [V] over batch and positions
+            kl = (q_mean * (q_mean.clamp(min=1e-12).log() + math.log(self.opts.vocab_size))).sum()
+            loss_kl = kl * positions / x[0].numel()
         with torch.no_grad():
             decoded = self.tokenizer.image_from_output(output)
             parts = {"loss_recon": recon, "loss_kl": loss_kl, "temperature": torch.tensor(tau, device=x.device),

@@ -22,7 +22,7 @@ Losses (logits l, D = sigmoid(l); y^k = 1 for an original token, 0 for a generat
   D). `adversarial_loss=minimax` (default) is this; `nonsaturating` is the usual practical replacement,
   BCE against the flipped labels over all N tokens (-log D(X~_m) - log(1 - D(X_v))), whose gradient does not
   vanish when D wins. Both average over the N tokens as L_disc does. D's weights are detached in L_adv
-  (`HierarchicalDiscriminator.forward_frozen`): it reaches the generator through the generated patches only.
+  (`discriminators.forward_frozen`): it reaches the generator through the generated patches only.
 - Adaptive gamma (the summary says "adaptive" and nothing more): VQGAN's balance (Esser et al. 2021, Eq. 7),
   gamma = gamma_base * clamp(||grad_w L_mae|| / (||grad_w L_adv|| + 1e-4), 0, gamma_max), w = the generator's
   last layer (the decoder's prediction weight), detached; VQGAN's base 1.0 and clamp 1e4 are the defaults. It
@@ -55,7 +55,7 @@ import torch
 
 from mimkit.backbones import build_backbone
 from mimkit.config import Config, method_options
-from mimkit.discriminators import HierarchicalDiscriminator
+from mimkit.discriminators import HierarchicalDiscriminator, forward_frozen
 from mimkit.engine.logging import RenderedRow
 from mimkit.eval.attention import overlay
 from mimkit.losses import discriminator_loss, generator_loss, masked_mse
@@ -176,7 +176,7 @@ class GANMAE(Method):
         parts = {"loss_mae": loss_mae}
         if not adversarial:
             return {"loss": loss_mae, "parts": parts}
-        logits, _ = self.discriminator.forward_frozen(corrupted)
+        logits, _ = forward_frozen(self.discriminator, corrupted)
         loss_adv = self.adversarial_loss(logits, mask)
         gamma = self.adaptive_gamma(loss_mae, loss_adv)
         parts.update(loss_adv=loss_adv, gamma=gamma)

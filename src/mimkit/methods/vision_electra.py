@@ -34,7 +34,7 @@ import torch
 
 from mimkit.backbones import build_backbone
 from mimkit.config import Config, method_options
-from mimkit.discriminators import HierarchicalDiscriminator
+from mimkit.discriminators import HierarchicalDiscriminator, forward_frozen
 from mimkit.losses import discriminator_loss, generator_loss, masked_mse
 from mimkit.methods.base import Method, Stage
 from mimkit.methods.mae import MAEGenerator, MAEOptions
@@ -170,7 +170,7 @@ class VisionElectra(Method):
         """Eq. 2: -1/M sum_i log D(x_i^r) over the M generated patches - log D(x_0^r), through a D whose
         parameters are detached (its weights get no gradient; G gets all of it). A level whose head is off
         (Table 3) drops its term."""
-        patch_logits, image_logits = self.discriminator.forward_frozen(fake)
+        patch_logits, image_logits = forward_frozen(self.discriminator, fake)
         per_image = torch.zeros(fake.shape[0], device=fake.device)
         if patch_logits is not None:
             weight = mask.float()
