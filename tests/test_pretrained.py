@@ -179,3 +179,18 @@ def test_init_from_a_timm_export(tmp_path, fmnist_small):
     assert "decoder: 0/20" in report
     for key, value in method.encoder.model.state_dict().items():
         assert torch.equal(value, exported[key]), key
+
+
+@pytest.mark.parametrize("share", [True, False])
+def test_gan_mae_continues_from_the_official_mae_layout(tmp_path, share):
+    sd = official_mae_state_dict(True)
+    torch.save({"model": sd}, tmp_path / "mae.pth")
+    overrides = [o.replace("method.name=mae", "method.name=gan_mae") for o in MAE_PICO]
+    method = build_method(load_config(None, overrides + [f"method.share_weights={share}"]), 1)
+    report = load_init(method, tmp_path / "mae.pth")
+    n = len(method.encoder.state_dict())
+    assert f"encoder: {n}/{n} tensors loaded" in report and "decoder: 20/20 tensors loaded" in report, report
+    assert_vit_equals_mae_file(method.generator.encoder.model, sd)
+    assert_vit_equals_mae_file(method.discriminator.backbone.model, sd)     # shared, or filled from the same file
+    assert torch.equal(method.generator.decoder_pred.weight, sd["decoder_pred.weight"])
+    assert ("discriminator encoder" in report) == (not share)
