@@ -25,8 +25,11 @@ Losses (logits l, D = sigmoid(l); y^k = 1 for an original token, 0 for a generat
   (`discriminators.forward_frozen`): it reaches the generator through the generated patches only.
 - Adaptive gamma (the summary says "adaptive" and nothing more): VQGAN's balance (Esser et al. 2021, Eq. 7),
   gamma = gamma_base * clamp(||grad_w L_mae|| / (||grad_w L_adv|| + 1e-4), 0, gamma_max), w = the generator's
-  last layer (the decoder's prediction weight), detached; VQGAN's base 1.0 and clamp 1e4 are the defaults. It
-  costs one more backward pass through D per step. `gamma=<number>` fixes it instead. gamma is logged.
+  last layer (the decoder's prediction weight), detached, clamped at VQGAN's 1e4. Base 0.1, measured: on the
+  tiny Fashion-MNIST recipe (150 steps, batch 64) VQGAN's base 1.0 kept loss_mae above 1.3 (worse than
+  predicting the mean) and D at the class prior (real accuracy 0), while 0.1 took loss_mae from 2.79 to 0.56
+  and D to 0.86 / 0.99 accuracy on real / generated tokens. It costs one more backward pass through D per
+  step. `gamma=<number>` fixes it instead. gamma is logged.
 
 What the generator predicts: raw patches in the data's normalisation (`norm_pix_loss` off), so that its
 output is an image D can judge. With `norm_pix_loss=true` (MAE's best setting) the prediction is turned back
@@ -83,7 +86,7 @@ class GANMAEOptions:
     two_stage_switch: float = 0.5        # two-stage: share of the run trained as plain MAE
     adversarial_loss: str = "minimax"    # minimax (the summary's L_adv) | nonsaturating (flipped labels)
     gamma: str | float = "adaptive"      # adaptive (VQGAN's gradient-norm balance) | a fixed number
-    gamma_base: float = 1.0
+    gamma_base: float = 0.1              # measured (see the docstring); VQGAN uses 1.0
     gamma_max: float = 1.0e4
 
     def __post_init__(self):   # checked when the config is read
