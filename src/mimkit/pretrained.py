@@ -119,10 +119,12 @@ def encoder_state(state: dict, backbone: ViTBackbone | SwinBackbone) -> dict:
 
 
 def is_sincos_table(pos_embed: torch.Tensor, grid: tuple[int, int]) -> bool:
-    """Whether a [1, 1+L, D] position table is the fixed 2-D sin-cos one (MAE) rather than a learnt one."""
+    """Whether a [1, 1+L, D] position table is a fixed 2-D sin-cos one (MAE's or CAE's layout) rather than a
+    learnt one."""
     if pos_embed.shape[1] != 1 + grid[0] * grid[1] or pos_embed.shape[-1] % 4:
         return False
-    return torch.allclose(pos_embed.float(), sincos_pos_embed_2d(pos_embed.shape[-1], grid, cls_token=True), atol=1e-4)
+    return any(torch.allclose(pos_embed.float(), sincos_pos_embed_2d(pos_embed.shape[-1], grid, True, rows_first), atol=1e-4)
+               for rows_first in (False, True))
 
 
 def learn_loaded_positions(backbone: ViTBackbone) -> bool:

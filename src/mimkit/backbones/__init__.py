@@ -6,13 +6,15 @@ __all__ = ["ViTBackbone", "SwinBackbone", "VIT_SIZES", "SWIN_SIZES", "pool_token
            "build_backbone"]
 
 
-def build_backbone(model_cfg, in_chans: int, mask_token: bool, sincos_pos: bool = True, init_values=None):
+def build_backbone(model_cfg, in_chans: int, mask_token: bool, sincos_pos: bool = True, init_values=None,
+                   sincos_rows_first: bool = False):
     """Backbone from a `ModelConfig` (arch 'vit' or 'swin')."""
     common = dict(img_size=tuple(model_cfg.img_size), patch_size=model_cfg.patch_size, in_chans=in_chans,
                   size=model_cfg.size, drop_path=model_cfg.drop_path, mask_token=mask_token)
     if model_cfg.arch == "vit":
         return ViTBackbone(embed_dim=model_cfg.embed_dim, depth=model_cfg.depth, num_heads=model_cfg.num_heads,
-                           sincos_pos=sincos_pos, init_values=init_values, **common)
+                           sincos_pos=sincos_pos, init_values=init_values, sincos_rows_first=sincos_rows_first,
+                           **common)
     if model_cfg.arch == "swin":
         return SwinBackbone(window_size=model_cfg.window_size, **common)
     raise ValueError(f"unknown model.arch {model_cfg.arch!r}; use 'vit' or 'swin'")

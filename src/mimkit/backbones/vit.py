@@ -21,8 +21,9 @@ VIT_SIZES = {
 }
 
 
-def sincos_pos_embed_2d(dim: int, grid: tuple[int, int], cls_token: bool) -> torch.Tensor:
-    """Fixed 2-D sin-cos position embedding [1, (1)+gh*gw, dim], laid out as MAE's (first half: x, second: y)."""
+def sincos_pos_embed_2d(dim: int, grid: tuple[int, int], cls_token: bool, rows_first: bool = False) -> torch.Tensor:
+    """Fixed 2-D sin-cos position embedding [1, (1)+gh*gw, dim], laid out as MAE's (first half: x, second: y),
+    or with `rows_first` as CAE's official code builds it (first half: y, second: x; its meshgrid order)."""
     if dim % 4:
         raise ValueError(f"sin-cos position embeddings need a width divisible by 4, got {dim}")
     gh, gw = grid
@@ -33,7 +34,7 @@ def sincos_pos_embed_2d(dim: int, grid: tuple[int, int], cls_token: bool) -> tor
         angles = np.outer(pos.reshape(-1), omega)
         return np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
 
-    emb = np.concatenate([encode(xs), encode(ys)], axis=1)
+    emb = np.concatenate([encode(ys), encode(xs)] if rows_first else [encode(xs), encode(ys)], axis=1)
     if cls_token:
         emb = np.concatenate([np.zeros((1, dim)), emb], axis=0)
     return torch.from_numpy(emb).float().unsqueeze(0)
@@ -48,7 +49,7 @@ class ViTBackbone(nn.Module):
     def __init__(self, img_size: tuple[int, int], patch_size: int, in_chans: int, size: str = "base",
                  embed_dim: int | None = None, depth: int | None = None, num_heads: int | None = None,
                  mlp_ratio: float = 4.0, drop_path: float = 0.0, init_values: float | None = None,
-                 sincos_pos: bool = True, mask_token: bool = False):
+                 sincos_pos: bool = True, mask_token: bool = False, sincos_rows_first: bool = False):
         super().__init__()
         if size not in VIT_SIZES:
             raise ValueError(f"unknown ViT size {size!r}; choose one of {', '.join(VIT_SIZES)}")
@@ -65,7 +66,8 @@ class ViTBackbone(nn.Module):
         self.in_chans = in_chans
         self.num_prefix = self.model.num_prefix_tokens  # 1: the CLS token
         if sincos_pos:  # MAE: fixed 2-D sin-cos, not learnt
-            self.model.pos_embed.data.copy_(sincos_pos_embed_2d(self.embed_dim, self.grid, cls_token=True))
+            self.model.pos_embed.data.copy_(sincos_pos_embed_2d(self.embed_dim, self.grid, cls_token=True,
+                                                                rows_first=sincos_rows_first))
             self.model.pos_embed.requires_grad_(False)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, self.embed_dim)) if mask_token else None
         if self.mask_token is not None:

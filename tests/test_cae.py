@@ -1,0 +1,231 @@
+"""CAE: the regressor never updates Z_v, the alignment target carries no gradient, the decoder sees only the
+masked positions, block masking counts, losses against hand values, Table 2 switches, official weights, resume."""
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mimkit.backbones import sincos_pos_embed_2d
+from mimkit.config import ConfigError, load_config
+from mimkit.engine.trainer import Trainer, load_init
+from mimkit.methods import build_method
+from mimkit.methods.cae import RegressorBlock
+from mimkit.patches import patchify
+from mimkit.tokenizers import DiscreteVAE, save_tokenizer
+from tests.conftest import tiny_config
+from tests.test_pretrained import assert_vit_equals_simmim_file
+
+CAE_PICO = ["method.name=cae", "model.size=pico", "model.img_size=[28,28]", "model.patch_size=4",
+            "method.regressor_depth=2", "method.decoder_depth=2"]
+
+
+@pytest.fixture(scope="module")
+def tiny_tokenizer(tmp_path_factory):
+    torch.manual_seed(5)
+    path = tmp_path_factory.mktemp("tok") / "dvae.safetensors"
+    save_tokenizer(DiscreteVAE(1, 64, 16, 16, 3, 1, [28, 28]), path)
+    return path
+
+
+def cae(overrides=(), tokenizer=None, seed=0):
+    torch.manual_seed(seed)
+    extra = [f"tokenizer.path={tokenizer}"] if tokenizer else ["method.target=pixels"]
+    method = build_method(load_config(None, CAE_PICO + extra + list(overrides)), 1)
+    method.set_pixel_stats(torch.full((1, 1, 1, 1), 0.3), torch.full((1, 1, 1, 1), 0.35))
+    return method
+
+
+def test_regressor_keys_and_values_hold_z_visible_unchanged():
+    method = cae()
+    seen = []
+    for block in method.regressor.blocks:
+        block.register_forward_hook(lambda mod, args, out: seen.append((args[0].detach(), args[1].detach(), out.detach())))
+    images = torch.randn(3, 1, 28, 28)
+    out = method.predict(images, method.mask(images))
+    k = out["z_visible"].shape[1]
+    assert len(seen) == 2
+    previous = method.mask_token.expand(3, method.num_masked, -1)
+    for queries, keys_values, updated in seen:
+        assert torch.equal(keys_values[:, :k], out["z_visible"])              # Z_v, never updated
+        assert torch.equal(keys_values[:, k:], queries)                         # then the previous layer's output
+        assert torch.equal(queries, previous)
+        previous = updated
+    assert torch.allclose(out["z_masked"], method.regressor.norm(previous))
+
+
+def test_decoder_sees_z_masked_and_masked_positions_only():
+    method = cae()
+    captured = {}
+    method.decoder.register_forward_hook(lambda mod, args, out: captured.update(z=args[0], pos=args[1]))
+    images = torch.randn(3, 1, 28, 28)
+    mask = method.mask(images)
+    out = method.predict(images, mask)
+    assert captured["z"].shape == (3, method.num_masked, method.encoder.embed_dim) and torch.equal(captured["z"], out["z_masked"])
+    expected_pos = method.rd_pos_embed[0, 1:][out["ids_masked"]]
+    assert torch.equal(captured["pos"], expected_pos)
+    assert mask.gather(1, out["ids_masked"]).all() and not mask.gather(1, out["ids_visible"]).any()
+
+
+def test_alignment_target_carries_no_gradient():
+    method = cae()
+    images = torch.randn(2, 1, 28, 28)
+    mask = method.mask(images)
+    method.mask = lambda x: mask
+    loss_align = method(images)["parts"]["loss_align"]
+    grads = torch.autograd.grad(loss_align, [p for p in method.encoder.parameters() if p.requires_grad], allow_unused=True)
+    # by hand: the same MSE against a constant target; only the Z_m path may carry gradient
+    out = method.predict(images, mask)
+    target = method.encode(images, out["ids_masked"]).detach()
+    manual = torch.autograd.grad(F.mse_loss(out["z_masked"], target), [p for p in method.encoder.parameters() if p.requires_grad], allow_unused=True)
+    assert any(g is not None and g.abs().sum() > 0 for g in grads)
+    for ours, theirs in zip(grads, manual):
+        assert (ours is None and theirs is None) or torch.allclose(ours, theirs, atol=1e-6)
+
+
+def test_block_masking_takes_exactly_98_of_196():
+    method = build_method(load_config(None, ["method.name=cae", "method.target=pixels", "model.size=pico",
+                                             "model.img_size=[224,224]", "model.patch_size=16"]), 3)
+    mask = method.mask(torch.zeros(64, 3, 224, 224))
+    assert method.min_block == 16 and mask.sum(1).eq(98).all()
+    assert cae().min_block == 4 and cae().mask(torch.zeros(8, 1, 28, 28)).sum(1).eq(24).all()
+
+
+def test_losses_equal_hand_values_with_tokens(tiny_tokenizer):
+    method = cae(tokenizer=tiny_tokenizer)
+    images = torch.randn(3, 1, 28, 28)
+    mask = method.mask(images)
+    method.mask = lambda x: mask
+    parts = method(images)["parts"]
+    out = method.predict(images, mask)
+    ids = method.tokenizer.encode(method.to_pixels(images)).flatten(1)
+    labels = ids.gather(1, out["ids_masked"])
+    log_p = out["prediction"].log_softmax(-1)
+    loss_tokens = -log_p.gather(-1, labels.unsqueeze(-1)).mean()
+    target = method.encoder.forward_visible(images, out["ids_masked"])[:, 1:]
+    loss_align = (out["z_masked"] - target).pow(2).mean()
+    assert parts["loss_tokens"].item() == pytest.approx(loss_tokens.item(), abs=1e-5)
+    assert parts["loss_align"].item() == pytest.approx(loss_align.item(), abs=1e-5)
+    total = method(images)["loss"]
+    assert total.item() == pytest.approx((loss_tokens + 2 * loss_align).item(), abs=1e-4)
+
+
+def test_pixel_target_is_mse_on_normalised_masked_patches():
+    method = cae(["method.alignment=false"])
+    images = torch.randn(2, 1, 28, 28)
+    mask = method.mask(images)
+    method.mask = lambda x: mask
+    out = method.predict(images, mask)
+    real = patchify(images, 4)
+    norm = (real - real.mean(-1, keepdim=True)) / (real.var(-1, keepdim=True) + 1e-6) ** 0.5
+    expected = (out["prediction"] - norm[mask].view(2, -1, 16)).pow(2).mean()
+    result = method(images)
+    assert set(result["parts"]) == {"loss_pixels"}                              # alignment=false: no l_z
+    assert result["loss"].item() == pytest.approx(expected.item(), abs=1e-5)
+
+
+def test_switches_remove_exactly_their_part():
+    no_decoder = cae(["method.decoder=false"])
+    assert len(no_decoder.decoder.blocks) == 0
+    images = torch.randn(2, 1, 28, 28)
+    out = no_decoder.predict(images, no_decoder.mask(images))
+    assert torch.equal(out["prediction"], no_decoder.decoder.head(out["z_masked"]))   # a linear layer on Z_m
+    calls = []
+    no_align = cae(["method.alignment=false"])
+    no_align.encoder.forward_visible = lambda *a, _f=no_align.encoder.forward_visible: calls.append(1) or _f(*a)
+    no_align(images)
+    assert len(calls) == 1                                                       # the target pass is gone too
+    full = cae()
+    assert sum(p.numel() for p in full.parameters()) - sum(p.numel() for p in no_decoder.parameters()) == \
+        sum(p.numel() for p in full.decoder.blocks.parameters()) + sum(p.numel() for p in full.decoder.norm.parameters())
+
+
+def test_position_table_is_the_official_layout():
+    """CAE's code: meshgrid(w, h) in 'ij' order, [sin(w), cos(w), sin(h), cos(h)] with a zero CLS row."""
+    dim, side = 32, 5
+    gw, gh = torch.meshgrid(torch.arange(side, dtype=torch.float32), torch.arange(side, dtype=torch.float32), indexing="ij")
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float32) / (dim // 4))
+    ow, oh = torch.outer(gw.flatten(), omega), torch.outer(gh.flatten(), omega)
+    official = torch.cat([torch.zeros(1, dim), torch.cat([ow.sin(), ow.cos(), oh.sin(), oh.cos()], 1)])
+    assert torch.allclose(sincos_pos_embed_2d(dim, (side, side), True, rows_first=True)[0], official, atol=1e-6)
+    method = cae()
+    assert not method.encoder.model.pos_embed.requires_grad and not method.rd_pos_embed.requires_grad
+
+
+def official_cae_file(method) -> dict:
+    """A checkpoint in Atten4Vis/CAE's key layout, random values: BEiT-style `encoder.*` (q/v biases, gamma_1/2),
+    `alignment_encoder.*`, `regresser.*`, `decoder.decoder_blocks.*`, `mask_token`, `rd_pos_embed`."""
+    torch.manual_seed(9)
+    sd = {}
+    for key, value in method.encoder.model.state_dict().items():
+        name = key.replace(".ls1.gamma", ".gamma_1").replace(".ls2.gamma", ".gamma_2")
+        if name.endswith("attn.qkv.bias"):
+            d = value.shape[0] // 3
+            for bias in ("q_bias", "v_bias"):
+                sd["encoder." + name.replace("qkv.bias", bias)] = torch.randn(d)
+            continue
+        sd["encoder." + name] = value.clone() if name == "pos_embed" else torch.randn_like(value)
+    sd.update({k.replace("encoder.", "alignment_encoder.", 1): v.clone() for k, v in list(sd.items())})
+    for key, value in method.regressor.state_dict().items():
+        sd["regresser." + key.replace("blocks.", "regressor_blocks.", 1)] = torch.randn_like(value)
+    for key, value in method.decoder.state_dict().items():
+        name = key.replace(".ls1.gamma", ".gamma_1").replace(".ls2.gamma", ".gamma_2").replace("blocks.", "decoder_blocks.", 1)
+        if name.endswith("attn.qkv.bias"):
+            d = value.shape[0] // 3
+            for bias in ("q_bias", "v_bias"):
+                sd["decoder." + name.replace("qkv.bias", bias)] = torch.randn(d)
+            continue
+        sd["decoder." + name] = torch.randn_like(value)
+    sd["mask_token"] = torch.randn_like(method.mask_token)
+    sd["rd_pos_embed"] = method.rd_pos_embed.detach().clone()
+    return sd
+
+
+def test_official_checkpoint_loads_every_tensor(tmp_path):
+    method = cae()
+    sd = official_cae_file(method)
+    torch.save({"model": sd}, tmp_path / "cae_official.pth")
+    fresh = cae(seed=1)
+    report = load_init(fresh, tmp_path / "cae_official.pth")
+    n = len(fresh.encoder.state_dict())
+    assert f"encoder: {n}/{n} tensors loaded" in report and "(its position table is learnt" not in report, report
+    assert_vit_equals_simmim_file(fresh.encoder.model, sd)
+    assert not fresh.encoder.model.pos_embed.requires_grad                      # CAE's fixed table stays fixed
+    assert torch.equal(fresh.regressor.blocks[1].cross_attn.q_bias, sd["regresser.regressor_blocks.1.cross_attn.q_bias"])
+    assert torch.equal(fresh.regressor.norm.weight, sd["regresser.norm.weight"])
+    assert torch.equal(fresh.mask_token, sd["mask_token"]) and torch.equal(fresh.decoder.head.weight, sd["decoder.head.weight"])
+    assert torch.equal(fresh.decoder.blocks[0].ls1.gamma, sd["decoder.decoder_blocks.0.gamma_1"])
+    qkv, d = fresh.decoder.blocks[0].attn.qkv.bias, fresh.encoder.embed_dim
+    assert torch.equal(qkv[:d], sd["decoder.decoder_blocks.0.attn.q_bias"]) and qkv[d:2 * d].eq(0).all()
+
+
+@pytest.mark.parametrize("overrides, sentence", [(["method.target=logits"], "tokens or pixels"),
+                                                 (["method.regressor_depth=0"], "regressor_depth=0 is out of range")])
+def test_option_errors_are_one_sentence(overrides, sentence):
+    with pytest.raises((ConfigError, ValueError), match=sentence):
+        load_config(None, CAE_PICO + overrides)
+
+
+def test_tokens_target_without_a_tokenizer_is_one_sentence():
+    with pytest.raises(ValueError, match="needs a tokenizer: set tokenizer.path"):
+        build_method(load_config(None, CAE_PICO), 1)
+
+
+@pytest.mark.parametrize("target", ["pixels", "tokens"])
+def test_tiny_cae_resumes_exactly_and_learns(fmnist_small, tmp_path, tiny_tokenizer, target):
+    extra = ["method.target=pixels"] if target == "pixels" else [f"tokenizer.path={tiny_tokenizer}"]
+    cfg = tiny_config(fmnist_small, "mae", ["method.name=cae", "method.regressor_depth=1", "method.decoder_depth=1",
+                                            "train.steps=6", "data.batch_size=16", "model.drop_path=0.1"] + extra)
+    Trainer(cfg, tmp_path / "full").train()
+    Trainer(cfg, tmp_path / "cut").train(stop_after=3)
+    Trainer(cfg, tmp_path / "cut", resume=True).train()
+    full, cut = (rows(tmp_path / n) for n in ("full", "cut"))
+    assert [r["step"] for r in cut] == list(range(1, 7))
+    for a, b in zip(full, cut):
+        assert abs(a["loss"] - b["loss"]) < 1e-5, (a["step"], a["loss"], b["loss"])
+    key = "loss_pixels" if target == "pixels" else "loss_tokens"
+    assert full[-1][key] < full[0][key]
+
+
+def rows(run):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
