@@ -104,6 +104,25 @@ def test_dvae_kl_to_uniform_prior(fmnist_small):
     assert kl == pytest.approx(49 * math.log(64) / 784, rel=1e-4)            # one-hot q: log V per position / pixels
 
 
+def test_dvae_batch_averaged_kl_asks_for_usage_not_uncertainty(fmnist_small):
+    cfg = tokenizer_config(fmnist_small, DVAE_TINY + ["method.kl_to_prior=batch_average"])
+    method = methods.build_method(cfg, 1)
+    method.set_pixel_stats(torch.zeros(1, 1, 1, 1), torch.ones(1, 1, 1, 1))
+    carry = {"step": 10**6, "epoch": 0, "total_steps": 10**6}
+
+    def one_hot_logits(codes):
+        ids = torch.tensor(codes).view(-1, 1, 1, 1).expand(-1, 1, 7, 7)
+        return lambda x: torch.full((len(codes), 64, 7, 7), -1e4).scatter(1, ids, 1e4)
+
+    # two images, each sure of one code everywhere: q_mean puts 1/2 on each of 2 codes -> KL = log(64 / 2)
+    method.tokenizer.logits = one_hot_logits([3, 5])
+    kl = method(torch.rand(2, 1, 28, 28), carry=carry)["parts"]["loss_kl"].item()
+    assert kl == pytest.approx(49 * math.log(32) / 784, rel=1e-4)
+    method.tokenizer.logits = one_hot_logits([3, 3])                            # one code for everything: log 64
+    assert method(torch.rand(2, 1, 28, 28), carry=carry)["parts"]["loss_kl"].item() == pytest.approx(
+        49 * math.log(64) / 784, rel=1e-4)
+
+
 def test_vq_logits_pick_the_quantiser_codes():
     torch.manual_seed(0)
     vq = VQTokenizer(1, 64, 16, 16, 16, 3, 1, [28, 28])
