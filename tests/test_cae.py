@@ -6,9 +6,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from mimkit import load_encoder
 from mimkit.backbones import sincos_pos_embed_2d
 from mimkit.config import ConfigError, load_config
+from mimkit.engine.checkpoint import load_checkpoint
 from mimkit.engine.trainer import Trainer, load_init
+from mimkit.export import export_encoder, method_from_checkpoint
 from mimkit.methods import build_method
 from mimkit.methods.cae import RegressorBlock
 from mimkit.patches import patchify
@@ -225,6 +228,13 @@ def test_tiny_cae_resumes_exactly_and_learns(fmnist_small, tmp_path, tiny_tokeni
         assert abs(a["loss"] - b["loss"]) < 1e-5, (a["step"], a["loss"], b["loss"])
     key = "loss_pixels" if target == "pixels" else "loss_tokens"
     assert full[-1][key] < full[0][key]
+    # the result is the encoder: exported as a plain timm ViT, equal to the run's
+    weights, _ = export_encoder(tmp_path / "full/last.pt", tmp_path / "enc")
+    method, _ = method_from_checkpoint(load_checkpoint(tmp_path / "full/last.pt"))
+    x = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        expected = method.encoder.model.eval().forward_features(x)
+        assert torch.allclose(load_encoder(weights).forward_features(x), expected, atol=1e-5)
 
 
 def rows(run):
