@@ -59,3 +59,32 @@ def tiny_config(data_dir: Path, method: str = "mae", extra: list[str] | None = N
                                      "data.crop_scale=[0.5,1.0]", "optim.base_lr=2e-3", "optim.warmup_epochs=0",
                                      "train.log_every=1", "train.ckpt_every=1000", "train.sample_every=0"]
                        + (extra or []))
+
+
+def metrics_rows(run: Path) -> list[dict]:
+    import json
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def train_cut_and_resume(cfg, tmp_path: Path, cut_at: int = 3) -> tuple[list[dict], list[dict]]:
+    """Trains `cfg` uninterrupted and, separately, stopped after `cut_at` steps then resumed; returns both logs."""
+    from mimkit.engine.trainer import Trainer
+    Trainer(cfg, tmp_path / "full").train()
+    Trainer(cfg, tmp_path / "cut").train(stop_after=cut_at)
+    Trainer(cfg, tmp_path / "cut", resume=True).train()
+    return metrics_rows(tmp_path / "full"), metrics_rows(tmp_path / "cut")
+
+
+def assert_export_is_the_result(ckpt: Path, out: Path, result=lambda method: method.encoder) -> None:
+    """`mimkit export` of a run writes the backbone `result(method)` picks: the timm model it loads back computes the
+    same features to 1e-5, as does `load_encoder` on the run checkpoint itself."""
+    from mimkit import load_encoder
+    from mimkit.engine.checkpoint import load_checkpoint
+    from mimkit.export import export_encoder, method_from_checkpoint
+    weights, _ = export_encoder(ckpt, out)
+    method, _ = method_from_checkpoint(load_checkpoint(ckpt))
+    x = torch.randn(2, method.encoder.in_chans, *method.encoder.model.patch_embed.img_size)
+    with torch.no_grad():
+        expected = result(method).model.eval().forward_features(x)
+        assert torch.allclose(load_encoder(weights).forward_features(x), expected, atol=1e-5)
+        assert torch.allclose(load_encoder(ckpt).forward_features(x), expected, atol=1e-5)

@@ -1,22 +1,17 @@
 """CAE: the regressor never updates Z_v, the alignment target carries no gradient, the decoder sees only the
 masked positions, block masking counts, losses against hand values, Table 2 switches, official weights, resume."""
-import json
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from mimkit import load_encoder
 from mimkit.backbones import sincos_pos_embed_2d
 from mimkit.config import ConfigError, load_config
-from mimkit.engine.checkpoint import load_checkpoint
-from mimkit.engine.trainer import Trainer, load_init
-from mimkit.export import export_encoder, method_from_checkpoint
+from mimkit.engine.trainer import load_init
 from mimkit.methods import build_method
-from mimkit.methods.cae import RegressorBlock
 from mimkit.patches import patchify
 from mimkit.tokenizers import DiscreteVAE, save_tokenizer
-from tests.conftest import tiny_config
+from tests.conftest import assert_export_is_the_result, tiny_config, train_cut_and_resume
 from tests.test_pretrained import assert_vit_equals_simmim_file
 
 CAE_PICO = ["method.name=cae", "model.size=pico", "model.img_size=[28,28]", "model.patch_size=4",
@@ -219,23 +214,11 @@ def test_tiny_cae_resumes_exactly_and_learns(fmnist_small, tmp_path, tiny_tokeni
     extra = ["method.target=pixels"] if target == "pixels" else [f"tokenizer.path={tiny_tokenizer}"]
     cfg = tiny_config(fmnist_small, "mae", ["method.name=cae", "method.regressor_depth=1", "method.decoder_depth=1",
                                             "train.steps=6", "data.batch_size=16", "model.drop_path=0.1"] + extra)
-    Trainer(cfg, tmp_path / "full").train()
-    Trainer(cfg, tmp_path / "cut").train(stop_after=3)
-    Trainer(cfg, tmp_path / "cut", resume=True).train()
-    full, cut = (rows(tmp_path / n) for n in ("full", "cut"))
+    full, cut = train_cut_and_resume(cfg, tmp_path)
     assert [r["step"] for r in cut] == list(range(1, 7))
     for a, b in zip(full, cut):
         assert abs(a["loss"] - b["loss"]) < 1e-5, (a["step"], a["loss"], b["loss"])
     key = "loss_pixels" if target == "pixels" else "loss_tokens"
     assert full[-1][key] < full[0][key]
-    # the result is the encoder: exported as a plain timm ViT, equal to the run's
-    weights, _ = export_encoder(tmp_path / "full/last.pt", tmp_path / "enc")
-    method, _ = method_from_checkpoint(load_checkpoint(tmp_path / "full/last.pt"))
-    x = torch.randn(2, 1, 28, 28)
-    with torch.no_grad():
-        expected = method.encoder.model.eval().forward_features(x)
-        assert torch.allclose(load_encoder(weights).forward_features(x), expected, atol=1e-5)
+    assert_export_is_the_result(tmp_path / "full/last.pt", tmp_path / "enc")   # a plain timm ViT, the run's encoder
 
-
-def rows(run):
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]

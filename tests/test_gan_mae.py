@@ -1,21 +1,17 @@
 """GAN-MAE: losses against hand-computed values, gradient paths per stage, adaptive gamma, schemes, training."""
-import json
 import math
 
 import pytest
 import torch
 from PIL import Image
 
-from mimkit import load_encoder
 from mimkit.cli import main
 from mimkit.config import ConfigError, load_config
 from mimkit.discriminators import forward_frozen
-from mimkit.engine.checkpoint import load_checkpoint
 from mimkit.engine.trainer import Trainer
-from mimkit.export import export_encoder, method_from_checkpoint
 from mimkit.methods import build_method
 from mimkit.patches import patchify, unpatchify
-from tests.conftest import tiny_config
+from tests.conftest import assert_export_is_the_result, metrics_rows, tiny_config, train_cut_and_resume
 
 GM_PICO = ["method.name=gan_mae", "model.size=pico", "model.img_size=[8,8]", "model.patch_size=4",
            "method.decoder_dim=16", "method.decoder_depth=1", "method.decoder_heads=2"]
@@ -208,10 +204,7 @@ def test_option_errors_are_one_sentence_at_config_time(overrides, sentence):
                                         "method.adversarial_loss=nonsaturating", "method.gamma=0.1"]])
 def test_schemes_and_encoders_resume_exactly(fmnist_small, tmp_path, overrides):
     cfg = tiny_config(fmnist_small, "mae", GM_TINY + ["train.steps=6", "data.batch_size=16"] + overrides)
-    Trainer(cfg, tmp_path / "full").train()
-    Trainer(cfg, tmp_path / "cut").train(stop_after=3)
-    Trainer(cfg, tmp_path / "cut", resume=True).train()
-    full, cut = (rows(tmp_path / name) for name in ("full", "cut"))
+    full, cut = train_cut_and_resume(cfg, tmp_path)
     assert [r["step"] for r in cut] == list(range(1, 7))
     for a, b in zip(full, cut):
         for key in a:
@@ -220,15 +213,11 @@ def test_schemes_and_encoders_resume_exactly(fmnist_small, tmp_path, overrides):
     assert "step_s" in full[-1] and "train_hours" in full[-1]
 
 
-def rows(run):
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-
-
 def test_tiny_gan_mae_learns_and_its_discriminator_beats_chance(fmnist_small, tmp_path):
     cfg = tiny_config(fmnist_small, "mae", GM_TINY + ["train.steps=60", "train.log_every=10", "train.sample_every=60",
                                                       "optim.base_lr=1e-3", "method.mask_ratio=0.5"])
     Trainer(cfg, tmp_path / "run").train()
-    log = rows(tmp_path / "run")
+    log = metrics_rows(tmp_path / "run")
     assert log[-1]["generator/loss_mae"] < 0.8 * log[0]["generator/loss_mae"]
     assert log[-1]["discriminator/acc_fake"] > 0.5 and log[-1]["discriminator/acc_real"] > 0.5, log[-1]
     grid = Image.open(tmp_path / "run/samples/final.png")
@@ -238,9 +227,4 @@ def test_tiny_gan_mae_learns_and_its_discriminator_beats_chance(fmnist_small, tm
                  "--train-limit", "300", "--test-limit", "100", "--severities", "5"]) == 0
     assert "gan_mae" in (tmp_path / "rep/report.md").read_text()
     assert (tmp_path / "rep/reconstruction-0.png").exists()
-    weights, _ = export_encoder(tmp_path / "run/last.pt", tmp_path / "enc")
-    method, _ = method_from_checkpoint(load_checkpoint(tmp_path / "run/last.pt"))
-    x = torch.randn(2, 1, 28, 28)
-    with torch.no_grad():
-        expected = method.discriminator.backbone.model.eval().forward_features(x)
-        assert torch.allclose(load_encoder(weights).forward_features(x), expected, atol=1e-5)
+    assert_export_is_the_result(tmp_path / "run/last.pt", tmp_path / "enc", lambda method: method.discriminator.backbone)

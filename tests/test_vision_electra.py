@@ -10,7 +10,7 @@ from mimkit.engine.checkpoint import load_checkpoint
 from mimkit.engine.trainer import Trainer
 from mimkit.methods import build_method
 from mimkit.patches import patchify, unpatchify
-from tests.conftest import tiny_config
+from tests.conftest import assert_export_is_the_result, tiny_config
 
 VE_PICO = ["method.name=vision_electra", "model.size=pico", "model.img_size=[8,8]", "model.patch_size=4",
            "method.decoder_dim=16", "method.decoder_depth=1", "method.decoder_heads=2"]
@@ -182,15 +182,7 @@ def test_tiny_ve_trains_resumes_and_discriminates(fmnist_small, tmp_path):
         assert key in rows[-1]
     assert (tmp_path / "run/samples/step-0000040.png").exists()
     # the result of pre-training is D's backbone: export and load_encoder return it
-    from mimkit import load_encoder
-    from mimkit.export import export_encoder, method_from_checkpoint
-    weights, _ = export_encoder(tmp_path / "run/last.pt", tmp_path / "enc")
-    method, _ = method_from_checkpoint(load_checkpoint(tmp_path / "run/last.pt"))
-    x = torch.randn(2, 1, 28, 28)
-    with torch.no_grad():
-        expected = method.discriminator.backbone.model.eval().forward_features(x)
-        assert torch.allclose(load_encoder(weights).forward_features(x), expected, atol=1e-5)
-        assert torch.allclose(load_encoder(tmp_path / "run/last.pt").forward_features(x), expected, atol=1e-5)
+    assert_export_is_the_result(tmp_path / "run/last.pt", tmp_path / "enc", lambda method: method.discriminator.backbone)
 
 
 def test_continual_pretraining_from_mae_and_simmim_checkpoints(fmnist_small, tmp_path):
