@@ -88,3 +88,13 @@ def assert_export_is_the_result(ckpt: Path, out: Path, result=lambda method: met
         expected = result(method).model.eval().forward_features(x)
         assert torch.allclose(load_encoder(weights).forward_features(x), expected, atol=1e-5)
         assert torch.allclose(load_encoder(ckpt).forward_features(x), expected, atol=1e-5)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tmp_path_factory) -> Path:
+    """A random-weight tiny d-VAE (64 codes, 28 px -> 7x7) saved as a tokenizer file."""
+    from mimkit.tokenizers import DiscreteVAE, save_tokenizer
+    torch.manual_seed(5)
+    path = tmp_path_factory.mktemp("tok") / "dvae.safetensors"
+    save_tokenizer(DiscreteVAE(1, 64, 16, 16, 3, 1, [28, 28]), path)
+    return path

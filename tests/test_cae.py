@@ -10,20 +10,11 @@ from mimkit.config import ConfigError, load_config
 from mimkit.engine.trainer import load_init
 from mimkit.methods import build_method
 from mimkit.patches import patchify
-from mimkit.tokenizers import DiscreteVAE, save_tokenizer
 from tests.conftest import assert_export_is_the_result, tiny_config, train_cut_and_resume
 from tests.test_pretrained import assert_vit_equals_simmim_file
 
 CAE_PICO = ["method.name=cae", "model.size=pico", "model.img_size=[28,28]", "model.patch_size=4",
             "method.regressor_depth=2", "method.decoder_depth=2"]
-
-
-@pytest.fixture(scope="module")
-def tiny_tokenizer(tmp_path_factory):
-    torch.manual_seed(5)
-    path = tmp_path_factory.mktemp("tok") / "dvae.safetensors"
-    save_tokenizer(DiscreteVAE(1, 64, 16, 16, 3, 1, [28, 28]), path)
-    return path
 
 
 def cae(overrides=(), tokenizer=None, seed=0):

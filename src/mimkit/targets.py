@@ -18,12 +18,11 @@ def patch_pixels(images: torch.Tensor, patch_size, normalize: bool = False, eps:
     return target
 
 
-def sliding_window_pixels(images: torch.Tensor, window: int = 8, eps: float = 1e-6) -> torch.Tensor:
-    """CIM's RESPIX target (Sec. 2.2): every pixel standardised by the mean and (biased) variance of the
-    `window` x `window` neighbourhood around it, per channel. An even window has no centre pixel: it spans offsets
-    -window//2 .. window - window//2 - 1 (8: four above/left, three below/right). At the border the window keeps
-    only the pixels inside the image (its statistics are over those). Computed with box filters (avg_pool2d with
-    stride 1), not a loop; [B, C, H, W] -> [B, C, H, W]."""
+def sliding_window_stats(images: torch.Tensor, window: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-pixel, per-channel mean and (biased) variance [B, C, H, W] over the `window` x `window` neighbourhood.
+    An even window has no centre pixel: it spans offsets -window//2 .. window - window//2 - 1 (8: four above/left,
+    three below/right). At the border the window keeps only the pixels inside the image. Box filters (avg_pool2d
+    with stride 1), not a loop."""
     before, after = window // 2, window - window // 2 - 1
     x = images.float()
     padded = F.pad(torch.cat([x, x * x, torch.ones_like(x[:, :1])], dim=1), (before, after, before, after))
@@ -31,5 +30,11 @@ def sliding_window_pixels(images: torch.Tensor, window: int = 8, eps: float = 1e
     c = x.shape[1]
     count = sums[:, 2 * c:]
     mean = sums[:, :c] / count
-    var = (sums[:, c:2 * c] / count - mean * mean).clamp(min=0)
-    return (x - mean) / (var + eps) ** 0.5
+    return mean, (sums[:, c:2 * c] / count - mean * mean).clamp(min=0)
+
+
+def sliding_window_pixels(images: torch.Tensor, window: int = 8, eps: float = 1e-6) -> torch.Tensor:
+    """CIM's RESPIX target (Sec. 2.2): every pixel standardised by the statistics of the `window` x `window`
+    neighbourhood around it (`sliding_window_stats`); [B, C, H, W] -> [B, C, H, W]."""
+    mean, var = sliding_window_stats(images, window)
+    return (images.float() - mean) / (var + eps) ** 0.5

@@ -1,6 +1,7 @@
 """Methods: one file per paper, composed from backbones, masking, targets and losses."""
 from mimkit.methods.base import CheckpointMismatch, Method, Stage
 from mimkit.methods.cae import CAE
+from mimkit.methods.cim import CIM
 from mimkit.methods.dvae import DVAETraining
 from mimkit.methods.gan_mae import GANMAE
 from mimkit.methods.mae import MAE
@@ -9,11 +10,11 @@ from mimkit.methods.vision_electra import VisionElectra
 from mimkit.methods.vqvae import VQVAETraining
 
 METHODS: dict[str, type[Method]] = {"mae": MAE, "simmim": SimMIM, "vision_electra": VisionElectra, "gan_mae": GANMAE,
-                                    "cae": CAE, "dvae": DVAETraining, "vqvae": VQVAETraining}
+                                    "cae": CAE, "cim": CIM, "dvae": DVAETraining, "vqvae": VQVAETraining}
 TOKENIZER_METHODS = ("dvae", "vqvae")
 
 __all__ = ["METHODS", "TOKENIZER_METHODS", "Method", "Stage", "CheckpointMismatch", "MAE", "SimMIM", "VisionElectra",
-           "GANMAE", "CAE", "build_method"]
+           "GANMAE", "CAE", "CIM", "build_method"]
 
 
 def build_method(cfg, in_chans: int) -> Method:

@@ -100,6 +100,26 @@ class Method(nn.Module):
         tokenizer.check_fits(in_chans, tokenizer.img_size or cfg.model.img_size, patch_grid)
         return self.register_frozen("tokenizer", tokenizer, cfg.tokenizer.path)
 
+    def token_ids(self, images: torch.Tensor) -> torch.Tensor:
+        """The frozen tokenizer's ids [B, h*w] of normalised images, resized to the tokenizer's input size first
+        (e.g. 224 -> 112 px for DALL-E's; bicubic with antialiasing, as torch has no Lanczos)."""
+        pixels = self.to_pixels(images)
+        size = tuple(self.tokenizer.img_size or pixels.shape[-2:])
+        if tuple(pixels.shape[-2:]) != size:
+            pixels = torch.nn.functional.interpolate(pixels, size=size, mode="bicubic", antialias=True,
+                                                     align_corners=False).clamp(0, 1)
+        with torch.no_grad():
+            return self.tokenizer.encode(pixels).flatten(1)
+
+    def images_from_ids(self, ids: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """The frozen tokenizer's decoding of ids [B, h*w], resized to `like`'s size and normalised as `like`."""
+        grid = self.tokenizer.grid_for(self.tokenizer.img_size or like.shape[-2:])
+        with torch.no_grad():
+            decoded = self.tokenizer.decode(ids.view(-1, *grid)).float()
+        if tuple(decoded.shape[-2:]) != tuple(like.shape[-2:]):
+            decoded = torch.nn.functional.interpolate(decoded, size=like.shape[-2:], mode="bilinear", antialias=True)
+        return self.from_pixels(decoded.clamp(0, 1)).to(like.dtype)
+
     @property
     def frozen_parts(self) -> dict[str, str]:
         """Frozen part name -> the file it was loaded from."""

@@ -235,15 +235,6 @@ class CAE(Method):
         return {"ids_visible": ids_visible, "ids_masked": ids_masked, "z_visible": z_visible, "z_masked": z_masked,
                 "prediction": self.decoder(z_masked, pos_masked)}
 
-    def token_ids(self, images: torch.Tensor) -> torch.Tensor:
-        """The frozen tokenizer's ids [B, L] of the image, resized to the tokenizer's input size."""
-        pixels = self.to_pixels(images)
-        size = tuple(self.tokenizer.img_size or pixels.shape[-2:])
-        if tuple(pixels.shape[-2:]) != size:
-            pixels = F.interpolate(pixels, size=size, mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
-        with torch.no_grad():
-            return self.tokenizer.encode(pixels).flatten(1)
-
     # ------------------------------------------------------------------ loss
     def forward(self, images: torch.Tensor, stage: str = "model", carry: dict | None = None) -> dict:
         o = self.opts
@@ -277,8 +268,7 @@ class CAE(Method):
         keep = 1 - mask_to_pixels(mask, self.patch_size, self.grid).to(images.dtype)
         if self.opts.target == "tokens":
             ids = self.token_ids(images).scatter(1, out["ids_masked"], out["prediction"].argmax(-1))
-            decoded = self.tokenizer.decode(ids.view(-1, *self.grid)).float()
-            recon = self.from_pixels(F.interpolate(decoded, size=images.shape[-2:], mode="bilinear", antialias=True))
+            recon = self.images_from_ids(ids, images)
         else:
             real = patchify(images, self.patch_size)
             pred = out["prediction"].to(real.dtype)
