@@ -74,6 +74,11 @@ def block_mask(batch: int, grid: tuple[int, int], ratio: float, device: torch.de
     return ranks < target
 
 
+def beit_min_block(num_patches: int) -> int:
+    """BEiT's minimum block of 16 patches at 196 (14x14), scaled to another patch count (CAE, CIM's block masking)."""
+    return max(1, round(16 * num_patches / 196))
+
+
 def num_masked(num_patches: int, ratio: float) -> int:
     """How many patches MAE hides: L - int(L * (1 - ratio)), as the official code keeps int(L * (1 - ratio))."""
     return num_patches - int(num_patches * (1 - ratio))

@@ -18,6 +18,13 @@ def patch_pixels(images: torch.Tensor, patch_size, normalize: bool = False, eps:
     return target
 
 
+def unnormalize_patches(pred: torch.Tensor, reference: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Inverse of `patch_pixels(..., normalize=True)`: a prediction in per-patch normalised space [..., N] back to
+    pixels with the mean and (unbiased) variance of the `reference` patches [..., N] (the true ones: right for
+    pictures, a leak if fed to a model)."""
+    return pred * (reference.var(dim=-1, keepdim=True) + eps) ** 0.5 + reference.mean(dim=-1, keepdim=True)
+
+
 def sliding_window_stats(images: torch.Tensor, window: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-pixel, per-channel mean and (biased) variance [B, C, H, W] over the `window` x `window` neighbourhood.
     An even window has no centre pixel: it spans offsets -window//2 .. window - window//2 - 1 (8: four above/left,

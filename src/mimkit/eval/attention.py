@@ -38,6 +38,13 @@ def overlay(gray: torch.Tensor, heat: torch.Tensor) -> torch.Tensor:
     return (0.45 * gray.expand(-1, 3, -1, -1) + 0.55 * colour).clamp(0, 1)
 
 
+def patch_overlay(pixels: torch.Tensor, probs: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """A per-patch probability [B, L] as a heat map over images in [0, 1] [B, C, H, W] -> RGB [B, 3, H, W]
+    (a discriminator's or an enhancer's per-token verdict)."""
+    heat = torch.nn.functional.interpolate(probs.float().view(-1, 1, *grid), size=pixels.shape[-2:], mode="nearest")
+    return overlay(pixels.float().mean(1, keepdim=True), heat)
+
+
 @torch.no_grad()
 def save_attention_grid(model, images: torch.Tensor, display: torch.Tensor, grid: tuple[int, int], path: Path,
                         min_tile: int = 84) -> torch.Tensor:

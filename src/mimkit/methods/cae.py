@@ -42,10 +42,10 @@ from torch import nn
 
 from mimkit.backbones import build_backbone, sincos_pos_embed_2d
 from mimkit.config import Config, method_options
-from mimkit.masking import block_mask, gather_tokens, visible_indices
+from mimkit.masking import beit_min_block, block_mask, gather_tokens, visible_indices
 from mimkit.methods.base import Method
 from mimkit.patches import mask_to_pixels, patchify, unpatchify
-from mimkit.targets import patch_pixels
+from mimkit.targets import patch_pixels, unnormalize_patches
 
 
 @dataclass
@@ -178,7 +178,7 @@ class CAE(Method):
         if not 0 < self.num_masked < enc.num_patches:
             raise ValueError(f"method.mask_ratio={o.mask_ratio} masks {self.num_masked} of {enc.num_patches} patches; "
                              f"choose a ratio that leaves some masked and some visible")
-        self.min_block = o.min_block_patches or max(1, round(16 * enc.num_patches / 196))
+        self.min_block = o.min_block_patches or beit_min_block(enc.num_patches)
         if dim != enc.embed_dim:
             self.encoder_to_regressor = nn.Sequential(nn.Linear(enc.embed_dim, dim), nn.LayerNorm(dim, eps=1e-6))
         else:
@@ -273,8 +273,7 @@ class CAE(Method):
             real = patchify(images, self.patch_size)
             pred = out["prediction"].to(real.dtype)
             if self.opts.norm_pix_loss:
-                stats = gather_tokens(real, out["ids_masked"])
-                pred = pred * (stats.var(-1, keepdim=True) + 1e-6) ** 0.5 + stats.mean(-1, keepdim=True)
+                pred = unnormalize_patches(pred, gather_tokens(real, out["ids_masked"]))
             index = out["ids_masked"].unsqueeze(-1).expand(-1, -1, real.shape[-1])
             recon = unpatchify(real.scatter(1, index, pred), self.patch_size, self.grid, self.in_chans)
         return [("original", images), ("masked", images * keep), ("reconstruction", images * keep + recon * (1 - keep))]

@@ -36,12 +36,12 @@ from torch import nn
 from mimkit.backbones import build_backbone
 from mimkit.config import Config, method_options
 from mimkit.engine.logging import RenderedRow
-from mimkit.eval.attention import overlay
+from mimkit.eval.attention import patch_overlay
 from mimkit.generators import SAMPLING_MODES, BEiTGenerator, replaced_token_labels, sample_replacements
-from mimkit.masking import block_mask, random_mask
+from mimkit.masking import beit_min_block, block_mask, random_mask
 from mimkit.methods.base import Method, Stage
 from mimkit.patches import mask_to_pixels, unpatchify
-from mimkit.targets import patch_pixels, sliding_window_pixels, sliding_window_stats
+from mimkit.targets import patch_pixels, sliding_window_pixels, sliding_window_stats, unnormalize_patches
 
 OBJECTIVES = ("respix", "revdet")
 RESPIX_TARGETS = ("sliding_window", "patch_norm", "none")
@@ -106,7 +106,7 @@ class CIM(Method):
     def mask(self, images: torch.Tensor) -> torch.Tensor:
         b, (gh, gw) = images.shape[0], self.grid
         if self.opts.masking == "block":
-            return block_mask(b, self.grid, self.opts.mask_ratio, images.device, min_block=max(1, round(16 * gh * gw / 196)))
+            return block_mask(b, self.grid, self.opts.mask_ratio, images.device, min_block=beit_min_block(gh * gw))
         return random_mask(b, self.grid, self.opts.mask_ratio, images.device, round(gh * gw * self.opts.mask_ratio))
 
     def corrupt(self, images: torch.Tensor, mask: torch.Tensor, golden: torch.Tensor | None = None) -> dict:
@@ -166,10 +166,8 @@ class CIM(Method):
         if self.opts.objective == "respix":
             rows.append(("enhancer output", self.display_respix(out, images)))
         else:
-            p = torch.sigmoid(out[..., 0].float()).view(-1, 1, *self.grid)
-            heat = F.interpolate(p, size=images.shape[-2:], mode="nearest")
-            shown = self.to_pixels(draws[0]["corrupted"])
-            rows.append(RenderedRow("P(replaced)", overlay(shown.mean(1, keepdim=True), heat)))
+            p_replaced = torch.sigmoid(out[..., 0].float())
+            rows.append(RenderedRow("P(replaced)", patch_overlay(self.to_pixels(draws[0]["corrupted"]), p_replaced, self.grid)))
         return rows
 
     def display_respix(self, out: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
@@ -180,6 +178,6 @@ class CIM(Method):
         if self.opts.respix_target == "patch_norm":
             real = patch_pixels(images, self.patch_size)
             p = patch_pixels(pred, self.patch_size)
-            p = p * (real.var(-1, keepdim=True) + 1e-6) ** 0.5 + real.mean(-1, keepdim=True)
+            p = unnormalize_patches(p, real)
             return unpatchify(p, self.patch_size, self.grid, self.in_chans).to(images.dtype)
         return pred.to(images.dtype)

@@ -60,11 +60,12 @@ from mimkit.backbones import build_backbone
 from mimkit.config import Config, method_options
 from mimkit.discriminators import HierarchicalDiscriminator, forward_frozen
 from mimkit.engine.logging import RenderedRow
-from mimkit.eval.attention import overlay
+from mimkit.eval.attention import patch_overlay
 from mimkit.losses import discriminator_loss, generator_loss, masked_mse
 from mimkit.methods.base import Method, Stage
 from mimkit.methods.mae import MAEGenerator, MAEOptions
 from mimkit.patches import mask_to_pixels, patchify, unpatchify
+from mimkit.targets import unnormalize_patches
 
 SCHEMES = ("adversarial", "combined", "two-stage")
 ENCODERS = ("shared", "generator", "discriminator")
@@ -137,7 +138,7 @@ class GANMAE(Method):
         real = patchify(images, self.patch_size)
         fake = pred
         if self.opts.norm_pix_loss:   # back to pixels with the true patches' statistics (see the docstring)
-            fake = pred * (real.var(dim=-1, keepdim=True) + 1e-6) ** 0.5 + real.mean(dim=-1, keepdim=True)
+            fake = unnormalize_patches(pred, real)
         mixed = torch.where(mask.unsqueeze(-1), fake.to(real.dtype), real)
         return mask, pred, unpatchify(mixed, self.patch_size, self.grid, self.in_chans)
 
@@ -199,12 +200,9 @@ class GANMAE(Method):
         mask, _, corrupted = self.corrupt(images)
         keep = 1 - mask_to_pixels(mask, self.patch_size, self.grid).to(images.dtype)
         logits, _ = self.discriminator(corrupted)
-        p_generated = torch.sigmoid(-logits.float()).view(-1, 1, *self.grid)
-        heat = torch.nn.functional.interpolate(p_generated, size=images.shape[-2:], mode="nearest")
-        shown = (corrupted.float() * self.pixel_std.to(images.device) + self.pixel_mean.to(images.device)).clamp(0, 1)
-        gray = shown.mean(1, keepdim=True) if shown.shape[1] != 1 else shown
+        verdict = patch_overlay(self.to_pixels(corrupted), torch.sigmoid(-logits.float()), self.grid)
         return [("original", images), ("masked", images * keep), ("reconstruction", corrupted),
-                RenderedRow("D: P(generated)", overlay(gray, heat))]
+                RenderedRow("D: P(generated)", verdict)]
 
     def pretrained_parts(self, state_dict: dict) -> list:
         """`--init FILE`: the generator (MAE release or any mimkit run: encoder required, decoder if present) and,

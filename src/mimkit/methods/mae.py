@@ -21,7 +21,7 @@ from mimkit.losses import masked_mse
 from mimkit.masking import num_masked, random_mask, scatter_tokens, visible_indices
 from mimkit.methods.base import Method
 from mimkit.patches import mask_to_pixels, patchify, unpatchify
-from mimkit.targets import patch_pixels
+from mimkit.targets import patch_pixels, unnormalize_patches
 
 
 @dataclass
@@ -93,7 +93,7 @@ class MAEGenerator(nn.Module):
         patches' mean/std, as MAE's own visualisation does: fine for pictures, not for building training inputs."""
         if self.opts.norm_pix_loss:
             raw = patchify(images, self.encoder.patch_size)
-            pred = pred * (raw.var(dim=-1, keepdim=True) + 1e-6) ** 0.5 + raw.mean(dim=-1, keepdim=True)
+            pred = unnormalize_patches(pred, raw)
         return unpatchify(pred, self.encoder.patch_size, self.encoder.grid, self.encoder.in_chans)
 
 
