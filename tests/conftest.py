@@ -82,12 +82,19 @@ def assert_export_is_the_result(ckpt: Path, out: Path, result=lambda method: met
     from mimkit.engine.checkpoint import load_checkpoint
     from mimkit.export import export_encoder, method_from_checkpoint
     weights, _ = export_encoder(ckpt, out)
-    method, _ = method_from_checkpoint(load_checkpoint(ckpt))
-    x = torch.randn(2, method.encoder.in_chans, *method.encoder.model.patch_embed.img_size)
+    method, cfg = method_from_checkpoint(load_checkpoint(ckpt))
+    x = torch.randn(2, method.encoder.in_chans, *cfg.model.img_size)
     with torch.no_grad():
         expected = result(method).model.eval().forward_features(x)
         assert torch.allclose(load_encoder(weights).forward_features(x), expected, atol=1e-5)
         assert torch.allclose(load_encoder(ckpt).forward_features(x), expected, atol=1e-5)
+
+
+def freeze_mask(method, images):
+    """Draws the method's mask for `images` once and makes `method.mask` return it from then on."""
+    mask = method.mask(images)
+    method.mask = lambda x: mask
+    return mask
 
 
 @pytest.fixture(scope="session")

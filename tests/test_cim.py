@@ -7,7 +7,7 @@ from mimkit.config import ConfigError, load_config
 from mimkit.methods import build_method
 from mimkit.patches import unpatchify
 from mimkit.targets import sliding_window_pixels
-from tests.conftest import train_cut_and_resume
+from tests.conftest import freeze_mask, train_cut_and_resume
 
 CIM_PICO = ["method.name=cim", "model.size=pico", "model.img_size=[28,28]", "model.patch_size=4",
             "method.generator_depth=3"]
@@ -20,16 +20,10 @@ def cim(tokenizer, overrides=(), seed=0):
     return method
 
 
-def fixed(method, images):
-    mask = method.mask(images)
-    method.mask = lambda x: mask
-    return mask
-
-
 def test_respix_loss_against_hand_values(tiny_tokenizer):
     method = cim(tiny_tokenizer, ["method.sampling=argmax"])
     images = torch.randn(2, 1, 28, 28)
-    mask = fixed(method, images)
+    mask = freeze_mask(method, images)
     out = method(images)
     logits = method.generator(images, mask)
     golden = method.tokenizer.encode(method.to_pixels(images)).flatten(1)
@@ -47,7 +41,7 @@ def test_respix_loss_against_hand_values(tiny_tokenizer):
 def test_revdet_loss_and_labels(tiny_tokenizer):
     method = cim(tiny_tokenizer, ["method.objective=revdet", "method.sampling=uniform"])
     images = torch.randn(2, 1, 28, 28)
-    mask = fixed(method, images)
+    mask = freeze_mask(method, images)
     torch.manual_seed(1)
     c = method.corrupt(images, mask)
     labels = ((c["corrupted_ids"] != c["golden"]) & mask).float()
@@ -64,7 +58,7 @@ def test_revdet_loss_and_labels(tiny_tokenizer):
 def test_gradient_paths_sharing_and_the_frozen_tokenizer(tiny_tokenizer):
     method = cim(tiny_tokenizer)
     images = torch.randn(2, 1, 28, 28)
-    fixed(method, images)
+    freeze_mask(method, images)
     groups = method.optim_groups()
     gen_only = dict(groups["generator"])
     shared = {n: p for n, p in method.enhancer.named_parameters() if n.startswith(("model.patch_embed", "model.blocks.0.",

@@ -19,8 +19,8 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    arch: str = "vit"                       # vit | swin
-    size: str = "base"                      # see backbones.VIT_SIZES / SWIN_SIZES
+    arch: str = "vit"                       # vit | swin | resnet (CIM's CNN enhancer)
+    size: str = "base"                      # see backbones.VIT_SIZES / SWIN_SIZES / RESNET_SIZES
     img_size: list = field(default_factory=lambda: [224, 224])  # [H, W]; may be non-square
     patch_size: int = 16
     embed_dim: int | None = None            # override the size's width
@@ -28,6 +28,7 @@ class ModelConfig:
     num_heads: int | None = None
     drop_path: float = 0.0
     window_size: int = 7                    # swin only
+    output_stride: int = 32                 # resnet only: 32, or 16 / 8 (last stages dilated, not strided)
     pool: str = "cls"                       # probes: cls | mean
 
 
@@ -248,15 +249,17 @@ def _check(ok: bool, key: str, value, rule: str) -> None:
 def validate_values(cfg: Config) -> None:
     """Range checks of every value whose type alone does not make it valid; one sentence per problem."""
     m, d, o, t = cfg.model, cfg.data, cfg.optim, cfg.train
-    _check(m.arch in ("vit", "swin"), "model.arch", m.arch, "vit or swin")
+    _check(m.arch in ("vit", "swin", "resnet"), "model.arch", m.arch, "vit, swin or resnet")
     _check(m.pool in ("cls", "mean"), "model.pool", m.pool, "cls or mean")
+    _check(m.arch != "resnet" or m.pool == "mean", "model.pool", m.pool, "mean for a ResNet (global average pooling)")
+    _check(m.output_stride in (8, 16, 32), "model.output_stride", m.output_stride, "8, 16 or 32")
     size = m.img_size if isinstance(m.img_size, list) else [m.img_size, m.img_size]
     _check(len(size) == 2 and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in size),
            "model.img_size", m.img_size, "a positive [height, width] in pixels, e.g. [224, 224]")
     m.img_size = list(size)
     _check(m.patch_size >= 1, "model.patch_size", m.patch_size, "a positive number of pixels")
-    _check(size[0] % m.patch_size == 0 and size[1] % m.patch_size == 0, "model.patch_size", m.patch_size,
-           f"a divisor of both sides of model.img_size={size}")
+    _check(m.arch == "resnet" or (size[0] % m.patch_size == 0 and size[1] % m.patch_size == 0), "model.patch_size",
+           m.patch_size, f"a divisor of both sides of model.img_size={size}")
     for key in ("embed_dim", "depth", "num_heads"):
         value = getattr(m, key)
         _check(value is None or value >= 1, f"model.{key}", value, "a positive integer or null")
@@ -316,7 +319,11 @@ def validate_method(cfg: Config) -> None:
         near = difflib.get_close_matches(name, list(METHODS), n=1)
         hint = f"did you mean '{near[0]}'?" if near else f"choose one of {', '.join(METHODS)}"
         raise ConfigError(f"unknown method.name '{name}'; {hint}")
-    method_options(cfg)
+    archs = METHODS[name].archs
+    if cfg.model.arch not in archs:
+        raise ConfigError(f"method {name} pre-trains model.arch={' or '.join(archs)}, not {cfg.model.arch!r}; set "
+                          f"model.arch={archs[0]}")
+    METHODS[name].check_config(cfg, method_options(cfg))
 
 
 def method_options(cfg: Config):

@@ -40,7 +40,8 @@ def export_encoder(ckpt_path: str | Path, out: str | Path) -> tuple[Path, Path]:
     out.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous() for k, v in encoder.model.state_dict().items()}
     save_file(tensors, str(out) + ".safetensors")
-    meta = {"model_name": encoder.timm_name, "kwargs": encoder.timm_kwargs, "pool": cfg.model.pool,
+    meta = {"model_name": encoder.timm_name, "kwargs": encoder.timm_kwargs, "img_size": cfg.model.img_size,
+            "pool": cfg.model.pool,
             "mean": obj["data_stats"]["mean"], "std": obj["data_stats"]["std"],
             "method": cfg.method.get("name"), "step": obj["step"], "timm_version": timm.__version__}
     Path(str(out) + ".json").write_text(json.dumps(meta, indent=2))

@@ -34,7 +34,8 @@ def probe_subject(ckpt: str | None = None, config: str | None = None, init: str 
         if random_init:
             raise CheckpointError("--random-init needs a run checkpoint or --config, not an export")
         meta = export_metadata(ckpt)
-        return ProbeSubject(load_encoder(ckpt), meta["kwargs"]["img_size"], meta.get("pool", "cls"),
+        size = meta.get("img_size") or meta["kwargs"]["img_size"]   # exports before ResNets kept it only in kwargs
+        return ProbeSubject(load_encoder(ckpt), size, meta.get("pool", "cls"),
                             meta.get("mean"), meta.get("std"), f"export {ckpt}", (meta["model_name"], meta["kwargs"]))
     if ckpt:
         obj = load_checkpoint(ckpt)

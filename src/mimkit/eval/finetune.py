@@ -63,10 +63,11 @@ class FinetuneTransform(PretrainTransform):
 def classifier_from_encoder(timm_name: str, timm_kwargs: dict, encoder_state: dict, num_classes: int,
                             cfg: FinetuneConfig) -> torch.nn.Module:
     """A timm classifier with the encoder's weights; mean pooling uses timm's fc_norm (as MAE's fine-tune)."""
-    kwargs = dict(timm_kwargs, num_classes=num_classes, global_pool="avg" if cfg.pool == "mean" else "token")
+    cnn = "embed_dim" not in timm_kwargs        # a ResNet: global average pooling, whatever cfg.pool says
+    kwargs = dict(timm_kwargs, num_classes=num_classes, global_pool="avg" if cfg.pool == "mean" or cnn else "token")
     model = timm.create_model(timm_name, pretrained=False, drop_path_rate=cfg.drop_path, **kwargs)
     result = model.load_state_dict(encoder_state, strict=False)
-    allowed_missing = ("head.", "fc_norm.")
+    allowed_missing = ("head.", "fc_norm.", "fc.")   # a new classifier (ViT: head / fc_norm, ResNet: fc)
     if any(not k.startswith(allowed_missing) for k in result.missing_keys):
         raise ValueError(f"the encoder's weights do not fit {timm_name}: missing {result.missing_keys[:4]}")
     return model

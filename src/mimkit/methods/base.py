@@ -36,6 +36,12 @@ class Method(nn.Module):
     options: type = None                     # dataclass of the method's config keys (method.*)
     stages: tuple[Stage, ...] = (Stage("model", ("model",)),)   # every stage the schedule may choose from
     no_weight_decay_keys: tuple[str, ...] = ()   # parameter-name fragments kept out of weight decay
+    archs: tuple[str, ...] = ("vit", "swin")     # the model.arch values it can pre-train
+
+    @classmethod
+    def check_config(cls, cfg, opts) -> None:
+        """Checks across config sections (method options against model.*), run when the config is read;
+        raises ValueError with one sentence naming the fix."""
 
     def set_pixel_stats(self, mean: torch.Tensor, std: torch.Tensor) -> None:
         """The data's per-channel mean/std [1, C, 1, 1] (the engine normalises images with them), for methods
@@ -89,9 +95,9 @@ class Method(nn.Module):
         setattr(self, name, module)
         return module
 
-    def attach_tokenizer(self, cfg, in_chans: int, patch_grid: tuple[int, int]):
+    def attach_tokenizer(self, cfg, in_chans: int, patch_grid: tuple[int, int] | None):
         """The frozen tokenizer `tokenizer.path` names, checked against the data's channels and the model's
-        patch grid (one sentence each), registered as the frozen part `tokenizer`."""
+        patch grid (one sentence each; None: the caller checks the grid), registered as the frozen part `tokenizer`."""
         from mimkit.tokenizers import load_tokenizer
         if not cfg.tokenizer.path:
             raise ValueError(f"{type(self).__name__} needs a tokenizer: set tokenizer.path=RUN/last.pt (from 'mimkit "

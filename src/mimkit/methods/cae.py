@@ -160,6 +160,7 @@ class CAEDecoder(nn.Module):
 
 class CAE(Method):
     options = CAEOptions
+    archs = ("vit",)
     no_weight_decay_keys = ("mask_token", "gamma", "pos_embed", "cls_token")
 
     def __init__(self, cfg: Config, in_chans: int, opts: CAEOptions | None = None):

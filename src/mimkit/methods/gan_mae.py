@@ -96,6 +96,7 @@ class GANMAEOptions:
 
 class GANMAE(Method):
     options = GANMAEOptions
+    archs = ("vit",)
     stages = (GENERATOR_STAGE, DISCRIMINATOR_STAGE, JOINT_STAGE)   # every stage a scheme may run
 
     def __init__(self, cfg: Config, in_chans: int, opts: GANMAEOptions | None = None):

@@ -36,13 +36,14 @@ class MAEOptions:
 class MAEGenerator(nn.Module):
     """MAE encoder + decoder; also the generator of Vision ELECTRA / GAN-MAE (hence `latent_noise_std`)."""
 
-    def __init__(self, encoder: ViTBackbone, opts: MAEOptions):
+    def __init__(self, encoder: ViTBackbone, opts: MAEOptions, outputs_per_pixel: int = 1):
+        """`outputs_per_pixel` > 1: logits over that many levels per pixel value (CIM's MAE-style generator)."""
         super().__init__()
         if not isinstance(encoder, ViTBackbone):
             raise ValueError("MAE needs model.arch=vit (its encoder drops masked tokens, which Swin cannot)")
         self.encoder, self.opts = encoder, opts
         self.num_visible = encoder.num_patches - num_masked(encoder.num_patches, opts.mask_ratio)
-        out_dim = encoder.patch_size[0] * encoder.patch_size[1] * encoder.in_chans
+        out_dim = encoder.patch_size[0] * encoder.patch_size[1] * encoder.in_chans * outputs_per_pixel
         dim = opts.decoder_dim
         norm = partial(nn.LayerNorm, eps=1e-6)
         self.decoder_embed = nn.Linear(encoder.embed_dim, dim)
@@ -101,6 +102,7 @@ class MAE(Method):
     """MAE pre-training: `loss_mse` on masked patches (He et al., Sec. 3)."""
 
     options = MAEOptions
+    archs = ("vit",)
 
     def __init__(self, cfg: Config, in_chans: int, opts: MAEOptions | None = None):
         super().__init__()

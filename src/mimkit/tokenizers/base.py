@@ -48,13 +48,13 @@ class Tokenizer(nn.Module):
                              f"{h}x{w}; feed it images whose sides are multiples of {self.downsample}")
         return h // self.downsample, w // self.downsample
 
-    def check_fits(self, in_chans: int, img_size, patch_grid: tuple[int, int]) -> None:
+    def check_fits(self, in_chans: int, img_size, patch_grid: tuple[int, int] | None) -> None:
         """A method's images and patch grid must match the tokenizer's channels and token grid."""
         if in_chans != self.in_chans:
             raise ValueError(f"the tokenizer was trained on {self.in_chans}-channel images but the data has "
                              f"{in_chans} channels; train a tokenizer on this data (mimkit tokenizer train)")
         grid = self.grid_for(img_size)
-        if tuple(grid) != tuple(patch_grid):
+        if patch_grid is not None and tuple(grid) != tuple(patch_grid):
             raise ValueError(f"the tokenizer gives a {grid[0]}x{grid[1]} token grid for {list(img_size)} px images "
                              f"but the model's patch grid is {patch_grid[0]}x{patch_grid[1]}; use a tokenizer that "
                              f"down-samples by model.patch_size, or feed it images of "

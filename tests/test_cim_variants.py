@@ -1,0 +1,167 @@
+"""CIM beyond the ViT enhancer: the ResNet enhancer (token map, pixel head, export, probes), the MAE-style generator
+with RGB-level sampling (Table 10) and the generator trained first then frozen (A.1)."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mimkit.config import ConfigError, load_config
+from mimkit.methods import build_method
+from mimkit.methods.cim import CIM, ENHANCER_ONLY, GENERATOR_ONLY, JOINT
+from mimkit.patches import patchify, unpatchify
+from mimkit.targets import sliding_window_pixels
+from tests.conftest import freeze_mask, assert_export_is_the_result, train_cut_and_resume
+
+CIM_RESNET = ["method.name=cim", "model.arch=resnet", "model.size=mini", "model.pool=mean", "model.output_stride=8",
+              "method.generator_depth=2", "method.generator_width=64", "method.generator_heads=2"]
+CIM_MAE_GEN = ["method.name=cim", "method.generator=mae", "model.size=pico", "model.img_size=[28,28]",
+               "model.patch_size=4", "method.generator_depth=2", "method.mae_decoder_depth=1", "method.rgb_bins=8"]
+
+
+def build(overrides, seed=0):
+    torch.manual_seed(seed)
+    method = build_method(load_config(None, list(overrides)), 1)
+    method.set_pixel_stats(torch.full((1, 1, 1, 1), 0.3), torch.full((1, 1, 1, 1), 0.35))
+    return method
+
+
+def grads(loss, params):
+    got = torch.autograd.grad(loss, list(params.values()), retain_graph=True, allow_unused=True)
+    return {n: g for n, g in zip(params, got) if g is not None and g.abs().sum() > 0}
+
+
+@pytest.fixture(scope="module")
+def tokenizer_8x8(tmp_path_factory):
+    """A random-weight tiny d-VAE giving an 8x8 token grid on 32 px images."""
+    from mimkit.tokenizers import DiscreteVAE, save_tokenizer
+    torch.manual_seed(6)
+    path = tmp_path_factory.mktemp("tok8") / "dvae.safetensors"
+    save_tokenizer(DiscreteVAE(1, 64, 16, 16, 3, 1, [32, 32]), path)
+    return path
+
+
+def test_token_map_covers_coarser_and_finer_feature_maps():
+    assert CIM.token_map((7, 7), (7, 7)) == (1, 1)
+    assert CIM.token_map((7, 7), (14, 14)) == (2, 1)        # ResNet-50 at 224 px against DALL-E's 14x14 grid
+    assert CIM.token_map((28, 28), (14, 14)) == (1, 2)      # output stride 8: pooled onto the grid
+    with pytest.raises(ValueError, match="does not tile"):
+        CIM.token_map((4, 4), (7, 7))
+
+
+def test_resnet_revdet_cell_predicts_its_tokens(tokenizer_8x8):
+    """A 4x4 map against an 8x8 token grid: each cell's 4 logits land on its 2x2 tokens; the loss is the BCE."""
+    method = build(CIM_RESNET + ["method.objective=revdet", "model.img_size=[32,32]", "method.sampling=uniform",
+                                 f"tokenizer.path={tokenizer_8x8}"])
+    assert (method.map_grid, method.token_grid, method.tokens_per_cell) == ((4, 4), (8, 8), 2)
+    assert method.head.out_features == 4 and method.generator.backbone.patch_size == (4, 4)
+    out = torch.arange(2 * 16 * 4, dtype=torch.float).view(2, 16, 4)
+    logits = method.revdet_logits(out).view(2, 8, 8)
+    for cell_row, cell_col in ((0, 0), (1, 3), (3, 2)):
+        cell = out[1, cell_row * 4 + cell_col].view(2, 2)
+        assert torch.equal(logits[1, 2 * cell_row:2 * cell_row + 2, 2 * cell_col:2 * cell_col + 2], cell)
+    images = torch.randn(2, 1, 32, 32)
+    mask = freeze_mask(method, images)
+    method.eval()                            # BatchNorm from running stats, so two forwards agree
+    torch.manual_seed(3)
+    result = method(images)
+    torch.manual_seed(3)
+    c = method.corrupt(images, mask)
+    labels = ((c["corrupted_ids"] != c["golden"]) & mask).float()
+    expected = F.binary_cross_entropy_with_logits(method.revdet_logits(method.enhance(c["corrupted"])), labels)
+    assert result["parts"]["loss_revdet"].item() == pytest.approx(expected.item(), abs=1e-5)
+
+
+def test_resnet_respix_cell_predicts_its_pixels(tiny_tokenizer):
+    method = build(CIM_RESNET + ["model.img_size=[56,56]", "method.sampling=argmax", f"tokenizer.path={tiny_tokenizer}"])
+    assert (method.map_grid, method.cell, method.token_grid) == ((7, 7), (8, 8), (7, 7))
+    method.eval()
+    images = torch.randn(2, 1, 56, 56)
+    mask = freeze_mask(method, images)
+    result = method(images)
+    c = method.corrupt(images, mask)
+    fmap = method.enhancer.model.forward_features(c["corrupted"])                        # [2, 256, 7, 7]
+    pred = unpatchify(method.head(fmap.flatten(2).transpose(1, 2)), 8, (7, 7), 1)
+    diff = pred - sliding_window_pixels(images, 8)
+    assert result["parts"]["loss_respix"].item() == pytest.approx((diff.abs().mean() + diff.pow(2).mean()).item(),
+                                                                 abs=1e-4)
+    gen_only = dict(method.optim_groups()["generator"])
+    assert grads(result["loss"], gen_only) and not grads(result["parts"]["loss_respix"], gen_only)
+
+
+def test_mae_style_generator_samples_rgb_levels_at_masked_patches():
+    method = build(CIM_MAE_GEN + ["method.objective=revdet"])
+    images = torch.rand(2, 1, 28, 28) * 2 - 1
+    mask = freeze_mask(method, images)
+    c = method.corrupt(images, mask)
+    levels = (method.to_pixels(images) * 8).floor().clamp(max=7).long()
+    assert torch.equal(c["golden"], patchify(levels, 4))
+    assert c["logits"].shape == (2, 49, 16, 8)
+    visible = ~mask
+    assert torch.equal(c["corrupted_ids"][visible], c["golden"][visible])               # only masked patches sampled
+    expected_image = method.from_pixels(unpatchify((c["corrupted_ids"].float() + 0.5) / 8, 4, (7, 7), 1))
+    assert torch.allclose(c["corrupted"], expected_image)
+    assert torch.equal(c["replaced"], ((c["corrupted_ids"] != c["golden"]).any(-1) & mask).float())
+    assert c["replaced"][mask].mean() > 0.9                  # 16 values from 8 levels: almost never all equal
+    out = method(images)
+    logits, golden = method.generator(images, mask).unflatten(-1, (16, 8))[mask], c["golden"][mask]
+    assert out["parts"]["loss_gen"].item() == pytest.approx(F.cross_entropy(logits.flatten(0, 1), golden.flatten()).item(),
+                                                           abs=1e-5)
+    gen_only = dict(method.optim_groups()["generator"])
+    assert not grads(out["parts"]["loss_revdet"], gen_only) and grads(out["parts"]["loss_gen"], gen_only)
+    assert not hasattr(method, "tokenizer")                  # no tokenizer needed
+
+
+def test_pretrain_then_freeze_trains_one_side_at_a_time(tiny_tokenizer):
+    method = build(["method.name=cim", "model.size=pico", "model.img_size=[28,28]", "model.patch_size=4",
+                    "method.generator_depth=2", "method.generator_training=pretrain_then_freeze",
+                    "method.generator_pretrain_share=0.3", f"tokenizer.path={tiny_tokenizer}"])
+    assert [method.schedule(s, 0, 100)[0] for s in (0, 29, 30, 99)] == [GENERATOR_ONLY] * 2 + [ENHANCER_ONLY] * 2
+    assert method.generator.backbone.model.blocks[0] is not method.enhancer.model.blocks[0]   # nothing shared
+    images = torch.randn(2, 1, 28, 28)
+    freeze_mask(method, images)
+    groups = method.optim_groups()
+    gen, enh = dict(groups["generator"]), dict(groups["enhancer"])
+    first = method(images, "generator")
+    assert set(first["parts"]) == {"loss_gen", "gen_token_accuracy"}
+    assert grads(first["loss"], gen) and not grads(first["loss"], enh)
+    second = method(images, "enhancer")
+    assert "loss_gen" not in second["parts"] and grads(second["loss"], enh)
+    assert not grads(second["loss"], gen)
+    joint = build(["method.name=cim", "model.size=pico", "model.img_size=[28,28]", "model.patch_size=4",
+                   "method.generator_depth=2", f"tokenizer.path={tiny_tokenizer}"])
+    assert joint.schedule(0, 0, 10) == (JOINT,) and joint.opts.shared_layers("vit") == 2
+
+
+@pytest.mark.parametrize("overrides, sentence", [
+    (["method.name=mae", "model.arch=resnet", "model.pool=mean"], "method mae pre-trains model.arch=vit, not 'resnet'"),
+    (CIM_RESNET + ["model.img_size=[60,60]"], "must be a multiple of model.output_stride=8"),
+    (CIM_RESNET + ["model.img_size=[56,56]", "method.share_layers=2"], "needs a ViT enhancer and the BEiT generator"),
+    (CIM_RESNET + ["model.img_size=[56,56]", "model.pool=cls"], "mean for a ResNet"),
+    (CIM_MAE_GEN + ["method.masking=block"], "method.generator=mae needs method.masking=random"),
+    (["method.name=cim", "method.generator_training=pretrain_then_freeze", "method.share_layers=2"],
+     "cannot share layers"),
+    (["method.name=cim", "model.size=pico", "method.generator_width=96"], "shared layers need a generator as wide"),
+])
+def test_variant_option_errors_are_one_sentence(overrides, sentence):
+    with pytest.raises((ConfigError, ValueError), match=sentence):
+        load_config(None, overrides)
+
+
+def test_tiny_resnet_cim_resumes_exactly_exports_and_probes(fmnist_small, tmp_path, tiny_tokenizer):
+    from mimkit.eval.encoders import probe_subject
+    from mimkit.eval.features import embed
+    cfg = load_config(None, CIM_RESNET + ["method.objective=revdet", "model.img_size=[56,56]",
+                                          f"tokenizer.path={tiny_tokenizer}", f"data.spec=idx:{fmnist_small}",
+                                          "data.batch_size=8", "data.num_workers=0", "optim.base_lr=2e-3",
+                                          "optim.warmup_epochs=0", "train.log_every=1", "train.ckpt_every=1000",
+                                          "train.sample_every=0", "train.steps=5"])
+    full, cut = train_cut_and_resume(cfg, tmp_path)
+    assert [r["step"] for r in cut] == list(range(1, 6))
+    for a, b in zip(full, cut):
+        assert abs(a["loss"] - b["loss"]) < 1e-5, (a["step"], a["loss"], b["loss"])
+    ckpt = tmp_path / "full" / "last.pt"
+    assert_export_is_the_result(ckpt, tmp_path / "export" / "resnet")
+    subject = probe_subject(str(tmp_path / "export" / "resnet.safetensors"))
+    assert subject.img_size == [56, 56] and subject.pool == "mean" and subject.timm_spec[0] == "resnet18"
+    x = torch.randn(2, 1, 56, 56)
+    with torch.no_grad():
+        assert torch.allclose(embed(subject.model, x, subject.pool), subject.model.forward_features(x).mean((2, 3)))
