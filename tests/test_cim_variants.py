@@ -165,3 +165,14 @@ def test_tiny_resnet_cim_resumes_exactly_exports_and_probes(fmnist_small, tmp_pa
     x = torch.randn(2, 1, 56, 56)
     with torch.no_grad():
         assert torch.allclose(embed(subject.model, x, subject.pool), subject.model.forward_features(x).mean((2, 3)))
+    from mimkit.cli import main                                     # every probe and the report take the ResNet
+    data = ["--data", f"idx:{fmnist_small}", "--train-limit", "300", "--test-limit", "100"]
+    export = str(tmp_path / "export" / "resnet.safetensors")
+    for argv in (["eval", "knn", "--ckpt", export], ["eval", "linear", "--ckpt", export, "--epochs", "2"],
+                 ["eval", "finetune", "--ckpt", str(ckpt), "--recipe", "configs/finetune/fmnist-tiny.yaml",
+                  "--set", "epochs=1", "--set", "num_workers=0"]):
+        assert main(argv + data) == 0, argv
+    assert main(["eval", "report", str(tmp_path / "full"), f"random:{tmp_path / 'full'}", "--protocols",
+                 "knn,linear,attentive", "--out", str(tmp_path / "rep"), *data]) == 0
+    report = (tmp_path / "rep" / "report.md").read_text()
+    assert "random init (cim resnet-mini)" in report and (tmp_path / "rep" / "reconstruction-0.png").exists()

@@ -76,7 +76,7 @@ def classifier_from_encoder(timm_name: str, timm_kwargs: dict, encoder_state: di
 def finetune_param_groups(model: torch.nn.Module, cfg: FinetuneConfig) -> list[dict]:
     """timm's layer-wise lr decay groups (each with an `lr_scale`), weight decay off for 1-D params and tokens."""
     return param_groups_layer_decay(model, weight_decay=cfg.weight_decay, layer_decay=cfg.layer_decay,
-                                    no_weight_decay_list=list(model.no_weight_decay()))
+                                    no_weight_decay_list=list(getattr(model, "no_weight_decay", set)()))
 
 
 def finetune(model: torch.nn.Module, train_set, test_set, img_size, mean, std, cfg: FinetuneConfig,
