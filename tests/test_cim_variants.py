@@ -9,7 +9,7 @@ from mimkit.methods import build_method
 from mimkit.methods.cim import CIM, ENHANCER_ONLY, GENERATOR_ONLY, JOINT
 from mimkit.patches import patchify, unpatchify
 from mimkit.targets import sliding_window_pixels
-from tests.conftest import freeze_mask, assert_export_is_the_result, train_cut_and_resume
+from tests.conftest import assert_export_is_the_result, freeze_mask, metrics_rows, train_cut_and_resume
 
 CIM_RESNET = ["method.name=cim", "model.arch=resnet", "model.size=mini", "model.pool=mean", "model.output_stride=8",
               "method.generator_depth=2", "method.generator_width=64", "method.generator_heads=2"]
@@ -176,3 +176,24 @@ def test_tiny_resnet_cim_resumes_exactly_exports_and_probes(fmnist_small, tmp_pa
                  "knn,linear,attentive", "--out", str(tmp_path / "rep"), *data]) == 0
     report = (tmp_path / "rep" / "report.md").read_text()
     assert "random init (cim resnet-mini)" in report and (tmp_path / "rep" / "reconstruction-0.png").exists()
+
+
+def test_frozen_generator_run_keeps_the_generator_after_the_switch(fmnist_small, tmp_path, tiny_tokenizer):
+    from mimkit.engine.checkpoint import load_checkpoint
+    from mimkit.engine.trainer import Trainer
+    cfg = load_config(None, ["method.name=cim", "model.size=pico", "model.img_size=[28,28]", "model.patch_size=4",
+                             "method.generator_depth=2", "method.generator_training=pretrain_then_freeze",
+                             f"tokenizer.path={tiny_tokenizer}", f"data.spec=idx:{fmnist_small}", "data.batch_size=8",
+                             "data.num_workers=0", "optim.warmup_epochs=0", "optim.base_lr=2e-3", "train.log_every=1",
+                             "train.ckpt_every=1000", "train.sample_every=0", "train.steps=4"])
+    Trainer(cfg, tmp_path / "run").train(stop_after=2)                   # the switch is at step 2 of 4
+    at_switch = load_checkpoint(tmp_path / "run" / "last.pt")["model"]
+    Trainer(cfg, tmp_path / "run", resume=True).train()
+    final = load_checkpoint(tmp_path / "run" / "last.pt")["model"]
+    rows = metrics_rows(tmp_path / "run")
+    assert [sorted(k for k in r if k.endswith("loss")) for r in rows] == \
+        [["generator/loss", "loss"]] * 2 + [["enhancer/loss", "loss"]] * 2
+    generator = [k for k in final if k.startswith("generator.")]
+    enhancer = [k for k in final if k.startswith(("enhancer.", "head."))]
+    assert generator and all(torch.equal(final[k], at_switch[k]) for k in generator)      # fixed after the switch
+    assert any(not torch.equal(final[k], at_switch[k]) for k in enhancer)                # the enhancer trains

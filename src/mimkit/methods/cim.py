@@ -159,6 +159,7 @@ class CIM(Method):
         super().__init__()
         self.opts = o = opts or method_options(cfg)
         self.in_chans, arch = in_chans, cfg.model.arch
+        self.stages = (JOINT,) if o.generator_training == "joint" else (GENERATOR_ONLY, ENHANCER_ONLY)
         self.enhancer = build_backbone(cfg.model, in_chans, mask_token=False, sincos_pos=False)
         img_size = tuple(cfg.model.img_size)
         if arch == "vit":   # head per patch token; the token grid is the patch grid
@@ -235,7 +236,7 @@ class CIM(Method):
 
     def schedule(self, step: int, epoch: int, total_steps: int) -> tuple[Stage, ...]:
         if self.opts.generator_training == "joint":
-            return (JOINT,)
+            return self.stages
         return (GENERATOR_ONLY,) if step < round(self.opts.generator_pretrain_share * total_steps) else (ENHANCER_ONLY,)
 
     # ------------------------------------------------------------------ generator and corruption
