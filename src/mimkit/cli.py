@@ -87,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--test-limit", type=int, default=2000)
     rep.add_argument("--severities", default="1,3,5")
     rep.add_argument("--device", default=None)
+    rep.add_argument("--inception-weights", help="recon: local Inception-v3 weights file for FID and IS (Table 1)")
+    rep.add_argument("--fid-encoder", help="recon: else a timm encoder export (.safetensors) as FID's feature network")
 
     p = sub.add_parser("visualize", help="pictures of a run")
     vsub = p.add_subparsers(dest="what", required=True)
@@ -267,15 +269,12 @@ def run_recon(args) -> dict:
 
     from mimkit.data import build_dataset
     from mimkit.engine.checkpoint import load_checkpoint
-    from mimkit.eval.recon import EncoderFeatures, reconstruction_metrics
-    from mimkit.export import export_metadata, load_encoder, method_from_checkpoint
+    from mimkit.eval.recon import fid_feature_network, reconstruction_metrics
+    from mimkit.export import method_from_checkpoint
     obj = load_checkpoint(args.ckpt)
     method, cfg = method_from_checkpoint(obj)
     device = default_device(args.device)
-    fid_net = None
-    if args.fid_encoder:
-        meta = export_metadata(args.fid_encoder)
-        fid_net = EncoderFeatures(load_encoder(args.fid_encoder), meta["mean"], meta["std"], meta.get("pool", "mean"))
+    fid_net = fid_feature_network(args.fid_encoder)
     stats = obj["data_stats"]
     return reconstruction_metrics(method, build_dataset(args.data, "test"), cfg.model.img_size, stats["mean"],
                                   stats["std"], args.num_images, mask_seed=args.mask_seed, device=device,
@@ -379,7 +378,8 @@ def _run(args) -> int:
         from mimkit.eval.report import run_report
         device = default_device(args.device)
         run_report(args.runs, args.out, args.data, tuple(args.protocols.split(",")), args.train_limit,
-                   args.test_limit, tuple(int(s) for s in args.severities.split(",")), device=device)
+                   args.test_limit, tuple(int(s) for s in args.severities.split(",")), device=device,
+                   inception_weights=args.inception_weights, fid_encoder=args.fid_encoder)
     elif args.command == "eval":
         print(json.dumps(run_probe(args, args.protocol)))
     elif args.command == "visualize":

@@ -84,6 +84,15 @@ def reconstruction_metrics(method, dataset, img_size, mean, std, num_images: int
     return out
 
 
+def fid_feature_network(export_path: str | None) -> nn.Module | None:
+    """A timm encoder export as the FID feature network (None without a path)."""
+    if not export_path:
+        return None
+    from mimkit.export import export_metadata, load_encoder
+    meta = export_metadata(export_path)
+    return EncoderFeatures(load_encoder(export_path), meta["mean"], meta["std"], meta.get("pool", "mean"))
+
+
 def _three_channels(x: torch.Tensor, needed: bool) -> torch.Tensor:
     return x.expand(-1, 3, -1, -1) if needed and x.shape[1] == 1 else x
 

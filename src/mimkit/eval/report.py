@@ -42,7 +42,8 @@ def load_entry(spec: str, seed: int = 0) -> Entry:
 
 def run_report(specs: list[str], out: str | Path, data: str = "fashion-mnist", protocols=DEFAULT_PROTOCOLS,
                train_limit: int | None = 5000, test_limit: int | None = 2000, severities=(1, 3, 5),
-               finetune_epochs: int = 3, device: str = "cpu", seed: int = 0, log=print) -> list[dict]:
+               finetune_epochs: int = 3, device: str = "cpu", seed: int = 0, log=print,
+               inception_weights: str | None = None, fid_encoder: str | None = None) -> list[dict]:
     from mimkit.data import build_dataset
     from mimkit.engine.logging import save_rows_grid
     from mimkit.eval import extract_features, knn_top1
@@ -50,7 +51,7 @@ def run_report(specs: list[str], out: str | Path, data: str = "fashion-mnist", p
     from mimkit.eval.attentive import attentive_probe_top1
     from mimkit.eval.features import labels_of, subset
     from mimkit.eval.linear import ProbedClassifier, linear_probe, linear_probe_top1
-    from mimkit.eval.recon import reconstruction_metrics
+    from mimkit.eval.recon import fid_feature_network, reconstruction_metrics
     from mimkit.eval.robustness import corruption_accuracy, corruption_errors
 
     unknown = set(protocols) - set(PROTOCOLS)
@@ -83,7 +84,10 @@ def run_report(specs: list[str], out: str | Path, data: str = "fashion-mnist", p
             row["attentive"] = attentive_probe_top1(*tr_t, *te_t, num_heads=enc.blocks[0].attn.num_heads, seed=seed)
         if "recon" in protocols:
             row["recon"] = reconstruction_metrics(entry.method, test_part, size, entry.mean, entry.std,
-                                                  num_images=min(500, len(test_part)), device=device)
+                                                  num_images=min(500, len(test_part)), device=device,
+                                                  inception_weights=inception_weights,
+                                                  fid_encoder=fid_feature_network(fid_encoder),
+                                                  fid_encoder_name=fid_encoder or "")
         if "robustness" in protocols:
             head = linear_probe(tr[0], tr[1], num_classes, seed=seed)
             table = corruption_accuracy(ProbedClassifier(enc, head, pool), test_part, size, entry.mean, entry.std,
@@ -117,6 +121,11 @@ def run_report(specs: list[str], out: str | Path, data: str = "fashion-mnist", p
     return rows
 
 
+def _feature_network_line(rows: list[dict]) -> list[str]:
+    networks = {r["recon"]["feature_network"] for r in rows if r.get("recon")}
+    return [f"FID / IS feature network: {', '.join(sorted(networks))}."] if networks else []
+
+
 def _first_images(dataset, size, mean, std, count: int = 6) -> torch.Tensor:
     from mimkit.data import EvalTransform, to_unit_float
     t = EvalTransform(size)
@@ -133,13 +142,13 @@ def render(rows: list[dict], protocols, data, train_limit, test_limit, severitie
     cols = []
     for p in protocols:
         cols += {"knn": ["k-NN"], "linear": ["linear"], "linear_lars": ["linear (LARS)"], "attentive": ["attentive"],
-                 "recon": ["L1", "PSNR", "SSIM", "MS-SSIM", "FID"], "robustness": ["clean (probe)", "mCE"],
+                 "recon": ["L1", "PSNR", "SSIM", "MS-SSIM", "IS", "FID"], "robustness": ["clean (probe)", "mCE"],
                  "finetune": ["fine-tune best", "fine-tune final"]}[p]
     lines = ["# mimkit evaluation report", "",
              f"Data `{data}`; probes trained on {train_limit or 'all'} train images, measured on {test_limit or 'all'} "
              f"test images; top-1 in %. Reconstruction metrics over a fixed set of seeded masks (seed 0). "
              f"Robustness: a linear probe on clean features, corruptions at severities {list(severities)}; "
-             f"mCE relative to the first row.", "",
+             f"mCE relative to the first row.", *_feature_network_line(rows), "",
              "| run | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for r in rows:
         cells = []
@@ -147,7 +156,7 @@ def render(rows: list[dict], protocols, data, train_limit, test_limit, severitie
             if p == "recon":
                 m = r.get("recon") or {}
                 cells += [_f(m.get("l1"), 4), _f(m.get("psnr"), 2), _f(m.get("ssim"), 4), _f(m.get("ms_ssim"), 4),
-                          _f(m.get("fid"), 2)]
+                          _f(m.get("inception_score"), 2), _f(m.get("fid"), 2)]
             elif p == "robustness":
                 rob = r.get("robustness") or {}
                 cells += [_f(rob.get("clean"), 2), _f((rob.get("ce") or {}).get("mCE"), 3)]

@@ -5,16 +5,18 @@ from mimkit.methods.cim import CIM
 from mimkit.methods.dvae import DVAETraining
 from mimkit.methods.gan_mae import GANMAE
 from mimkit.methods.mae import MAE
+from mimkit.methods.perceptual_mae import PerceptualMAE
 from mimkit.methods.simmim import SimMIM
 from mimkit.methods.vision_electra import VisionElectra
 from mimkit.methods.vqvae import VQVAETraining
 
 METHODS: dict[str, type[Method]] = {"mae": MAE, "simmim": SimMIM, "vision_electra": VisionElectra, "gan_mae": GANMAE,
-                                    "cae": CAE, "cim": CIM, "dvae": DVAETraining, "vqvae": VQVAETraining}
+                                    "cae": CAE, "cim": CIM, "perceptual_mae": PerceptualMAE, "dvae": DVAETraining,
+                                    "vqvae": VQVAETraining}
 TOKENIZER_METHODS = ("dvae", "vqvae")
 
 __all__ = ["METHODS", "TOKENIZER_METHODS", "Method", "Stage", "CheckpointMismatch", "MAE", "SimMIM", "VisionElectra",
-           "GANMAE", "CAE", "CIM", "build_method"]
+           "GANMAE", "CAE", "CIM", "PerceptualMAE", "build_method"]
 
 
 def build_method(cfg, in_chans: int) -> Method:
