@@ -126,6 +126,10 @@ def test_official_code_switches():
     assert p["loss_adv"].item() == pytest.approx(0.7 * ref["loss_adv"].item(), rel=1e-5)
     assert out["loss"].item() == pytest.approx((2 * p["loss_l1"] + p["loss_adv"] + p["loss_feature"] +
                                                 p["loss_style"]).item(), rel=1e-5)
+    normalized = pmae(["method.losses_on_normalized_images=true"])
+    torch.manual_seed(1)
+    assert normalized(images, "generator", {"epoch": 1})["parts"]["loss_l1"].item() == \
+        pytest.approx(ref["loss_l1"].item() / 0.35, rel=1e-5)                  # the same error, 1 / std larger
     frozen = pmae(["method.perceptual_without_gradient=true"])
     out = frozen(images, "generator", {"epoch": 1})["parts"]
     assert not out["loss_feature"].requires_grad and not out["loss_style"].requires_grad    # no gradient to G
