@@ -123,7 +123,7 @@ def run_report(specs: list[str], out: str | Path, data: str = "fashion-mnist", p
 
 def _feature_network_line(rows: list[dict]) -> list[str]:
     networks = {r["recon"]["feature_network"] for r in rows if r.get("recon")}
-    return [f"FID / IS feature network: {', '.join(sorted(networks))}."] if networks else []
+    return ["", f"FID / IS feature network: {', '.join(sorted(networks))}."] if networks else []
 
 
 def _first_images(dataset, size, mean, std, count: int = 6) -> torch.Tensor:
