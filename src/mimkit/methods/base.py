@@ -109,13 +109,15 @@ class Method(nn.Module):
     def token_ids(self, images: torch.Tensor) -> torch.Tensor:
         """The frozen tokenizer's ids [B, h*w] of normalised images, resized to the tokenizer's input size first
         (e.g. 224 -> 112 px for DALL-E's; bicubic with antialiasing, as torch has no Lanczos)."""
-        pixels = self.to_pixels(images)
-        size = tuple(self.tokenizer.img_size or pixels.shape[-2:])
-        if tuple(pixels.shape[-2:]) != size:
-            pixels = torch.nn.functional.interpolate(pixels, size=size, mode="bicubic", antialias=True,
-                                                     align_corners=False).clamp(0, 1)
         with torch.no_grad():
-            return self.tokenizer.encode(pixels).flatten(1)
+            return self.tokenizer.encode(self.tokenizer_input(self.to_pixels(images)).clamp(0, 1)).flatten(1)
+
+    def tokenizer_input(self, pixels: torch.Tensor) -> torch.Tensor:
+        """[0, 1] pixels resized to the tokenizer's input size (bicubic, antialiased; differentiable)."""
+        size = tuple(self.tokenizer.img_size or pixels.shape[-2:])
+        if tuple(pixels.shape[-2:]) == size:
+            return pixels
+        return torch.nn.functional.interpolate(pixels, size=size, mode="bicubic", antialias=True, align_corners=False)
 
     def images_from_ids(self, ids: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """The frozen tokenizer's decoding of ids [B, h*w], resized to `like`'s size and normalised as `like`."""

@@ -47,7 +47,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from mimkit.backbones import build_backbone
 from mimkit.config import Config, method_options
@@ -215,11 +214,7 @@ class PerceptualMAE(Method):
 
     def tokenizer_features(self, images: torch.Tensor) -> list[torch.Tensor]:
         """phi of Eq. 7: the frozen tokenizer encoder's maps of [0, 1] pixels at its input size."""
-        pixels = self.unit(images)
-        size = tuple(self.tokenizer.img_size or pixels.shape[-2:])
-        if tuple(pixels.shape[-2:]) != size:
-            pixels = F.interpolate(pixels, size=size, mode="bilinear", antialias=True, align_corners=False)
-        return self.tokenizer.features(pixels)
+        return self.tokenizer.features(self.tokenizer_input(self.unit(images)))
 
     # ------------------------------------------------------------------ pictures and weights
     @torch.no_grad()
