@@ -48,10 +48,11 @@ class Method(nn.Module):
         that need pixels in [0, 1] again, e.g. to feed a tokenizer: `to_pixels(images)`."""
         self.pixel_mean, self.pixel_std = mean, std
 
-    def to_pixels(self, images: torch.Tensor) -> torch.Tensor:
-        """Normalised images -> [0, 1] pixels (clamped)."""
+    def to_pixels(self, images: torch.Tensor, clamp: bool = True) -> torch.Tensor:
+        """Normalised images -> [0, 1] pixels (clamped, or not where every pixel needs a gradient)."""
         mean, std = self.pixel_mean.to(images.device), self.pixel_std.to(images.device)
-        return (images.float() * std + mean).clamp(0, 1)
+        pixels = images.float() * std + mean
+        return pixels.clamp(0, 1) if clamp else pixels
 
     def from_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
         mean, std = self.pixel_mean.to(pixels.device), self.pixel_std.to(pixels.device)

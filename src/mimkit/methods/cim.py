@@ -162,11 +162,8 @@ class CIM(Method):
         self.stages = (JOINT,) if o.generator_training == "joint" else (GENERATOR_ONLY, ENHANCER_ONLY)
         self.enhancer = build_backbone(cfg.model, in_chans, mask_token=False, sincos_pos=False)
         img_size = tuple(cfg.model.img_size)
-        if arch == "vit":   # head per patch token; the token grid is the patch grid
-            self.map_grid, self.cell = self.enhancer.grid, self.enhancer.patch_size
-        else:               # head per cell of the last feature map
-            self.map_grid = self.enhancer.grid
-            self.cell = (img_size[0] // self.map_grid[0], img_size[1] // self.map_grid[1])
+        self.map_grid = self.enhancer.grid   # the head works per patch token (ViT) / cell of the last map (ResNet)
+        self.cell = (img_size[0] // self.map_grid[0], img_size[1] // self.map_grid[1])   # pixels each one covers
         width, heads = self.generator_shape(cfg, o)
         if o.generator == "beit":
             tokenizer = self.attach_tokenizer(cfg, in_chans, self.enhancer.grid if arch == "vit" else None)

@@ -141,13 +141,9 @@ class PerceptualMAE(Method):
         rule = self.opts.epochs_rule
         return rule == "every" or (epoch + 1) % 2 == (0 if rule == "even" else 1)
 
-    def unit(self, images: torch.Tensor) -> torch.Tensor:
-        """Normalised images -> [0, 1] pixel space, not clamped (gradients reach every pixel)."""
-        return images.float() * self.pixel_std.to(images.device) + self.pixel_mean.to(images.device)
-
     def loss_space(self, images: torch.Tensor) -> torch.Tensor:
         """The images L1 and SSIM compare: [0, 1] pixels, or as normalised (`losses_on_normalized_images`)."""
-        return images.float() if self.opts.losses_on_normalized_images else self.unit(images)
+        return images.float() if self.opts.losses_on_normalized_images else self.to_pixels(images, clamp=False)
 
     def reconstruct(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(mask [B, L], the decoder's output [B, L, p*p*C], G(I_m) as an image, visible patches pasted if asked)."""
@@ -173,13 +169,13 @@ class PerceptualMAE(Method):
             loss = masked_mse(pred, self.generator.target(images), mask)
             return {"loss": loss, "parts": {"loss_mse": loss}}
         carry["fake"] = fake.detach()
-        l1 = (self.loss_space(fake) - self.loss_space(images)).abs().mean()
+        fake_px, real_px = self.loss_space(fake), self.loss_space(images)
+        l1 = (fake_px - real_px).abs().mean()
         on = self.perceptual_on(carry.get("epoch", 0))
         if o.loss == "msssim":
             if not on:
                 return {"loss": l1, "parts": {"loss_l1": l1}}
-            ssim_term, l1_term = ms_ssim_l1_loss(self.loss_space(fake), self.loss_space(images), o.ssim_alpha,
-                                                 o.ssim_scales, o.ssim_window)
+            ssim_term, l1_term = ms_ssim_l1_loss(fake_px, real_px, o.ssim_alpha, o.ssim_scales, o.ssim_window)
             return {"loss": ssim_term + l1_term, "parts": {"loss_l1": l1, "loss_msssim": ssim_term}}
         parts = {"loss_l1": l1}
         loss = l1 * (2 if o.l1_counted_twice and o.loss == "lsgan-p" else 1)
@@ -214,7 +210,7 @@ class PerceptualMAE(Method):
 
     def tokenizer_features(self, images: torch.Tensor) -> list[torch.Tensor]:
         """phi of Eq. 7: the frozen tokenizer encoder's maps of [0, 1] pixels at its input size."""
-        return self.tokenizer.features(self.tokenizer_input(self.unit(images)))
+        return self.tokenizer.features(self.tokenizer_input(self.to_pixels(images, clamp=False)))
 
     # ------------------------------------------------------------------ pictures and weights
     @torch.no_grad()
