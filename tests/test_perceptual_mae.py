@@ -95,7 +95,7 @@ def test_lsgan_p_losses_and_gradient_paths():
     torch.manual_seed(1)
     out = method(images, "generator", {"epoch": 1})                    # epoch 2 counted from 1: perceptual on
     torch.manual_seed(1)
-    mask, _, fake = method.reconstruct(images)
+    mask, _, fake = method.reconstruct(images)[:3]
     fake_logits, fake_feats = method.critic(fake)
     with torch.no_grad():
         _, real_feats = method.critic(images)
@@ -164,7 +164,7 @@ def test_dvae_p_uses_the_frozen_tokenizer_and_never_changes_it(tiny_tokenizer):
     torch.manual_seed(1)
     out = method(images, "generator", {"epoch": 0})
     torch.manual_seed(1)
-    _, _, fake = method.reconstruct(images)
+    fake = method.reconstruct(images).image
     feats = method.tokenizer.features(fake * 0.35 + 0.3)
     with torch.no_grad():
         real = method.tokenizer.features(images * 0.35 + 0.3)
@@ -183,7 +183,7 @@ def test_dvae_p_uses_the_frozen_tokenizer_and_never_changes_it(tiny_tokenizer):
     (["method.loss=vgg"], "method.loss must be one of"),
     (["method.critic=stylegan"], "method.critic must be one of"),
     (["method.norm_pix_loss=true"], "needs method.loss=mse"),
-    (["method.perceptual_epochs=third"], "must be even, odd or every"),
+    (["method.perceptual_epochs=third"], "perceptual_epochs must be one of even, odd, every"),
     (["model.arch=swin"], "method perceptual_mae pre-trains model.arch=vit"),
 ])
 def test_option_errors_are_one_sentence(overrides, sentence):

@@ -277,7 +277,8 @@ class Trainer:
     def _step(self, images: list[torch.Tensor], running: dict, counts: dict, step: int) -> None:
         accum = len(images)
         epoch = step // self.steps_per_epoch
-        carries = [{"step": step, "epoch": epoch, "total_steps": self.total_steps} for _ in images]
+        carries = [{"step": step, "epoch": epoch, "total_steps": self.total_steps, "last_micro": i == accum - 1}
+                   for i in range(accum)]
         bad = torch.zeros((), device=self.device)
         total = torch.zeros((), device=self.device)
 

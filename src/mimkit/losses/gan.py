@@ -54,3 +54,27 @@ def generator_loss(fake_logits: torch.Tensor, kind: str = "nonsaturating", weigh
     else:
         raise ValueError(f"unknown GAN loss {kind!r}; choose one of {', '.join(GAN_KINDS)}")
     return _reduce(loss, weight, reduction)
+
+
+def r1_penalty(real_logits: torch.Tensor, real: torch.Tensor, gamma: float) -> torch.Tensor:
+    """R1 (Mescheder et al. 2018; StyleGAN2's form): gamma / 2 * E_x ||grad_x D(x)||^2 on real images `real`, which
+    must require grad and be what `real_logits` were computed from. The gradient is kept in the graph, so the penalty
+    trains D."""
+    grad, = torch.autograd.grad(real_logits.float().sum(), real, create_graph=True)
+    return gamma / 2 * grad.float().square().flatten(1).sum(1).mean()
+
+
+def path_length_penalty(features: list[torch.Tensor], latent: torch.Tensor, running_mean: torch.Tensor,
+                        decay: float = 0.01) -> torch.Tensor:
+    """StyleGAN2's path-length regulariser with the critic's feature maps as the output and the decoder's input as
+    the latent (Perceptual MAE Sec. 3.2): with y = sum_j <phi_j, n_j> / sqrt(H_j W_j), n_j ~ N(0, I) drawn afresh,
+    a_b = sqrt(mean over tokens of sum over channels of (dy / d latent_b)^2) is the length of J_b^T n for image b;
+    the penalty is mean_b (a_b - a)^2, with a the running mean of a_b (`running_mean`, updated in place with `decay`,
+    StyleGAN2's 0.01). `latent` [B, T, D] must be in the graph of `features`."""
+    y = sum((f.float() * torch.randn_like(f, dtype=torch.float32)).sum() / (f.shape[-2] * f.shape[-1]) ** 0.5
+            for f in features)
+    grad, = torch.autograd.grad(y, latent, create_graph=True)
+    lengths = grad.float().square().sum(-1).mean(-1).add(1e-8).sqrt()           # [B]
+    with torch.no_grad():
+        running_mean.lerp_(lengths.mean(), decay)
+    return (lengths - running_mean).square().mean()

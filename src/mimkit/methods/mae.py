@@ -79,12 +79,17 @@ class MAEGenerator(nn.Module):
         latent = self.encoder.forward_visible(images, ids_visible)             # [B, 1+K, D]
         if latent_noise_std > 0:  # Vision ELECTRA Sec. 3.2: z + z~, z~ ~ N(0, std^2)
             latent = latent + torch.randn_like(latent) * latent_noise_std
-        x = self.decoder_embed(latent)                                         # [B, 1+K, Dd]
-        patches = scatter_tokens(x[:, 1:], ids_visible, self.mask_token[0, 0], self.encoder.num_patches)
-        x = torch.cat([x[:, :1], patches], dim=1) + self.decoder_pos_embed    # [B, 1+L, Dd]
+        x = self.embed_for_decoder(latent, ids_visible)                        # [B, 1+L, Dd]
         for block in self.decoder_blocks:
             x = block(x)
         return self.decoder_pred(self.decoder_norm(x))[:, 1:]                 # [B, L, p*p*C]
+
+    def embed_for_decoder(self, latent: torch.Tensor, ids_visible: torch.Tensor) -> torch.Tensor:
+        """Encoder tokens of the visible patches [B, 1+K, D] -> the decoder's full grid [B, 1+L, Dd]: projected,
+        mask tokens at the hidden positions, position embeddings added."""
+        x = self.decoder_embed(latent)
+        patches = scatter_tokens(x[:, 1:], ids_visible, self.mask_token[0, 0], self.encoder.num_patches)
+        return torch.cat([x[:, :1], patches], dim=1) + self.decoder_pos_embed
 
     def target(self, images: torch.Tensor) -> torch.Tensor:
         return patch_pixels(images, self.encoder.patch_size, normalize=self.opts.norm_pix_loss)
