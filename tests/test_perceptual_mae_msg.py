@@ -263,6 +263,7 @@ def test_stylegan2_ada_p_trains_resumes_exactly_and_exports_a_plain_vit(fmnist_s
     (STYLE + ["method.ada_target=1.5"], "must be in \\[0, 1\\]"),
     (MSG + ["method.critic_block=vgg"], "method.critic_block must be one of msg, residual"),
     (MSG + ["model.patch_size=7", "model.img_size=[28,28]"], "must be a power of 2"),
+    (STYLE + ["train.compile=true"], "torch.compile has no double backward"),
 ])
 def test_part_2_option_errors_are_one_sentence(overrides, sentence):
     with pytest.raises((ConfigError, ValueError), match=sentence):

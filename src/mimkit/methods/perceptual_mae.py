@@ -55,7 +55,10 @@ LS-GAN) and change what the critic sees and how it is regularised:
   same scales (the official code: bilinear resizing).
 - The critic (`discriminators.MultiScaleCritic`): the full image, then at each lower scale the reconstruction of that
   scale joined to its features (MSG-GAN's lin_cat; `critic_combine=simple`), minibatch std before the last block;
-  `critic_block=msg` (MSG-GAN-P) or `residual` (StyleGANv2-ADA-P). Its S maps are phi_j of Eq. 3. Real images and
+  `critic_block=msg` (MSG-GAN-P) or `residual` (StyleGANv2-ADA-P). Its S maps are phi_j of Eq. 3. Widths (the
+  paper gives none): `critic_width` 16 channels at full scale doubling to `critic_max_width` 256, 9.7M parameters at
+  224 px, chosen so that a StyleGANv2-ADA-P step costs about 1.8x an LS-GAN-P step in FLOPs, as Table 4's times
+  (0.54 vs 1) do (`python benchmarks/perceptual_mae_cost.py`). Real images and
   the reconstruction get the same treatment; the critic learns from the detached pyramid.
 - MSG-MAE (Sec. 3.3, Fig. 1; `msg_mae`, default on for both multi-scale losses, as Table 1 marks; off gives Table 2's
   "MAE + MSG-GAN-P" rows): the output of encoder block e (visible tokens) gets the decoder's projection, mask tokens
@@ -135,7 +138,7 @@ class PerceptualMAEOptions:
     style_weight: float = 40.0             # delta_s (Sec. 4)
     adversarial_weight: float = 1.0        # Eq. 6 (the official code: 0.7)
     critic: str = "dcgan"                  # lsgan-p: dcgan (official code) | patchgan
-    critic_width: int = 64
+    critic_width: int | None = None       # None: 64 (lsgan-p, the official critic), 16 (multi-scale critics)
     critic_depth: int = 4                  # lsgan-p: stride-2 blocks (their outputs are phi_j)
     perceptual_epochs: str | None = None   # even | odd | every (epochs counted from 1); None: even with a critic
     lsgan_half_on_fake: bool = False       # Eq. 4 as printed halves the real term only
@@ -150,7 +153,7 @@ class PerceptualMAEOptions:
     skip_pairs: list | None = None         # [[encoder block, decoder block], ...] 0-based; None: the official pairing
     critic_block: str | None = None        # msg | residual; None: msg for msg-gan-p, residual for stylegan2-ada-p
     critic_combine: str = "lin_cat"        # lin_cat | simple (MSG-GAN's combine functions)
-    critic_max_width: int = 512
+    critic_max_width: int = 256
     mbstd_group: int = 4                   # minibatch std group (StyleGAN2)
     r1_gamma: float | None = None          # None: 10 for stylegan2-ada-p, else 0 (off)
     r1_interval: int = 16                  # lazy R1 (StyleGAN2)
@@ -212,11 +215,13 @@ class PerceptualMAEOptions:
         return self.loss == "stylegan2-ada-p"
 
     def resolved(self, key: str):
-        """An option whose null default depends on the loss (msg_mae, critic_block, r1_gamma, pl_weight, ada)."""
+        """An option whose null default depends on the loss (msg_mae, critic_width, critic_block, r1_gamma, pl_weight,
+        ada)."""
         value = getattr(self, key)
         if value is not None:
             return value
-        return {"msg_mae": self.multi_scale, "critic_block": "residual" if self.stylegan2 else "msg",
+        return {"msg_mae": self.multi_scale, "critic_width": 16 if self.multi_scale else 64,
+                "critic_block": "residual" if self.stylegan2 else "msg",
                 "r1_gamma": 10.0 if self.stylegan2 else 0.0, "pl_weight": 2.0 if self.stylegan2 else 0.0,
                 "ada": self.stylegan2}[key]
 
@@ -310,6 +315,9 @@ class PerceptualMAE(Method):
             if any((2 ** k < p and p % 2 ** k) or (2 ** k > p and 2 ** k % p) for k in range(opts.scales)):
                 raise ValueError(f"model.patch_size={p} must be a power of 2 for multi-scale outputs (each scale is a "
                                  f"whole number of pixels per token, or whole tokens per pixel)")
+        if cfg.train.compile and (opts.resolved("r1_gamma") or opts.resolved("pl_weight")):
+            raise ValueError("train.compile=true cannot run R1 or path-length regularisation (torch.compile has no "
+                             "double backward); set train.compile=false, or method.r1_gamma=0 and method.pl_weight=0")
         if opts.skip_pairs is not None and not opts.resolved("msg_mae"):
             raise ValueError("method.skip_pairs needs method.msg_mae=true")
 
@@ -335,9 +343,9 @@ class PerceptualMAE(Method):
         self.stages = (GENERATOR, CRITIC) if o.loss in WITH_CRITIC else (GENERATOR,)
         img_size = tuple(cfg.model.img_size)
         if o.loss == "lsgan-p":
-            self.critic = ConvCritic(in_chans, img_size, o.critic, o.critic_width, o.critic_depth)
+            self.critic = ConvCritic(in_chans, img_size, o.critic, o.resolved("critic_width"), o.critic_depth)
         elif o.multi_scale:
-            self.critic = MultiScaleCritic(in_chans, img_size, o.scales, o.critic_width, o.critic_max_width,
+            self.critic = MultiScaleCritic(in_chans, img_size, o.scales, o.resolved("critic_width"), o.critic_max_width,
                                            o.resolved("critic_block"), o.critic_combine, o.mbstd_group)
         if o.resolved("ada"):
             self.augment = AdaptiveAugment(o.ada_target, o.ada_interval, o.ada_kimg, o.ada_p, tuple(o.ada_ops))
