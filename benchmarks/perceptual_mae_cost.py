@@ -12,9 +12,8 @@ from __future__ import annotations
 import argparse
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
-
 from mimkit.config import load_config
+from mimkit.engine.cost import total_flop_counter
 from mimkit.methods import build_method
 
 VARIANTS = {
@@ -25,21 +24,8 @@ VARIANTS = {
 }
 
 
-class _GlobalOnly:
-    """FlopCounterMode's per-module tracker hooks every module's backward, which autograd.grad (R1, path length)
-    cannot run under; only the global total is needed here."""
-    parents = {"Global"}
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *args):
-        return False
-
-
 def step_flops(method, images: torch.Tensor, step: int) -> int:
-    counter = FlopCounterMode(display=False)
-    counter.mod_tracker = _GlobalOnly()
+    counter = total_flop_counter()
     carry = {"step": step, "epoch": 1}          # the critic stage reads the generator stage's reconstruction
     with counter:
         for stage in method.stages:

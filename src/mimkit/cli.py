@@ -36,6 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, help="total optimiser steps (overrides train.epochs)")
     p.add_argument("--ckpt-every", type=int, help="write RUN/last.pt every N steps")
     p.add_argument("--seed", type=int)
+    p.add_argument("--online-probe", choices=["knn", "linear", "knn,linear"],
+                   help="probe the encoder every train.probe_every steps (k-NN; linear: a quick probe too)")
+    p.add_argument("--probe-data", help="labelled data for the online probe (default: --data)")
     p.add_argument("--resume", action="store_true", help="continue from RUN/last.pt")
     p.add_argument("--init", help="initial weights: official MAE/SimMIM release or a mimkit run")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
@@ -134,6 +137,15 @@ def build_parser() -> argparse.ArgumentParser:
     tc.add_argument("--out", required=True, help=".safetensors file")
     tc.add_argument("--trust-pickle", action="store_true", help="allow unpickling (runs code from the files)")
 
+    p = sub.add_parser("bench", help="a recipe's cost here: parameters per part, FLOPs per image, images/s, memory")
+    p.add_argument("--config", required=True, action="append", help="recipe YAML (repeat for several)")
+    p.add_argument("--batch", type=int, default=None, help="images per step (default: the recipe's data.batch_size)")
+    p.add_argument("--steps", type=int, default=10, help="timed steps per mode")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation happens here)")
+    p.add_argument("--modes", default="eager,compiled", help="eager, compiled or both")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("overrides", nargs="*", help="key=value config overrides")
+
     p = sub.add_parser("demo", help="pre-train tiny Vision ELECTRA and MAE on Fashion-MNIST, probe them, write RUN/report.md")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--config", default=None, help="recipe (default: Vision ELECTRA, compared with MAE)")
@@ -165,6 +177,10 @@ def cmd_pretrain(args) -> None:
         extra.append(f"train.ckpt_every={args.ckpt_every}")
     if args.seed is not None:
         extra.append(f"train.seed={args.seed}")
+    if args.online_probe:
+        extra.append(f"train.online_probe={args.online_probe}")
+    if args.probe_data:
+        extra.append(f"train.probe_data={args.probe_data}")
     cfg = load_config(config, extra)
     trainer = Trainer(cfg, args.out, resume=args.resume, init=args.init, device=args.device)
     start = time.time()
@@ -390,6 +406,18 @@ def _run(args) -> int:
         print(json.dumps({"safetensors": str(weights), "json": str(meta)}))
     elif args.command == "tokenizer":
         run_tokenizer_command(args)
+    elif args.command == "bench":
+        from mimkit.config import load_config
+        from mimkit.engine.cost import format_table, measure
+        modes = tuple(m.strip() for m in args.modes.split(","))
+        if not set(modes) <= {"eager", "compiled"} or args.steps < 1 or args.warmup < 0:
+            raise ValueError(f"--modes must list eager and/or compiled (got {args.modes!r}), --steps at least 1 "
+                             f"and --warmup 0 or more")
+        for config in args.config:
+            cfg = load_config(config, list(args.overrides))
+            batch = args.batch or cfg.data.batch_size
+            print(format_table(config, batch, measure(cfg, batch, args.steps, args.warmup, modes, args.device)),
+                  end="\n\n", flush=True)
     elif args.command == "demo":
         from mimkit.demo import run_demo
         run_demo(args.out, args.config, args.steps, args.train_limit, args.device)

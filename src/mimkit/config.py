@@ -83,6 +83,11 @@ class TrainConfig:
     keep_every: int = 0                     # RUN/checkpoint-STEP.pt; 0 = only at the end
     sample_every: int = 500                 # RUN/samples/step-STEP.png; 0 = never
     nan_patience: int = 20                  # stop after this many non-finite steps in a row
+    online_probe: str | None = None         # knn | linear | knn,linear: probe the encoder while pre-training
+    probe_every: int = 1000                 # steps between online probes (and one before the first step)
+    probe_train: int = 2000                 # labelled train images the probe fits on (a fixed, seeded subset)
+    probe_test: int = 1000                  # test images it is measured on
+    probe_data: str | None = None           # a labelled dataset spec for the probe; None: data.spec
 
 
 @dataclass
@@ -299,6 +304,12 @@ def validate_values(cfg: Config) -> None:
     _check(t.keep_every >= 0, "train.keep_every", t.keep_every, "0 (only at the end) or more")
     _check(t.sample_every >= 0, "train.sample_every", t.sample_every, "0 (never) or more")
     _check(t.nan_patience >= 1, "train.nan_patience", t.nan_patience, "at least 1")
+    probes = [p.strip() for p in (t.online_probe or "").split(",") if p.strip()]
+    _check(all(p in ("knn", "linear") for p in probes) and len(set(probes)) == len(probes), "train.online_probe",
+           t.online_probe, "knn, linear, knn,linear or null (off)")
+    _check(t.probe_every >= 1, "train.probe_every", t.probe_every, "at least 1")
+    _check(t.probe_train >= 10 and t.probe_test >= 10, "train.probe_train / probe_test",
+           (t.probe_train, t.probe_test), "10 images or more each")
 
 
 def _check_betas(betas, key: str) -> None:

@@ -167,6 +167,12 @@ class Trainer:
             if cuda and "cuda" in self._restored_rng:
                 torch.cuda.set_rng_state(self._restored_rng["cuda"], self.device)
         self.sample_images = self._fixed_sample_batch()
+        self.probe = None
+        if t.online_probe and self.dist.is_main:
+            from mimkit.eval.online import OnlineProbe
+            self.probe = OnlineProbe(cfg, self.in_chans, self.mean.flatten().tolist(), self.std.flatten().tolist(),
+                                     self.device)
+            self._print(f"{self.probe.describe()}, every {t.probe_every} steps")
 
     def _scheduler(self, optimizer, group: GroupOptimConfig):
         """Warm-up (the group's own, else optim.warmup_epochs) then cosine or SimMIM's multistep decay; a
@@ -226,6 +232,8 @@ class Trainer:
         last_row: dict = {}
         tick, images_seen = time.perf_counter(), 0
         self.method.train()
+        if self.probe is not None and self.start_step == 0 and log is not None:   # the encoder before training
+            log.write({"step": 0, **self._online_probe(0)})
         for step in range(self.start_step, self.total_steps):
             micro = [next(batches) for _ in range(t.accum_steps)]
             images = [self._normalise(m[0]) for m in micro]
@@ -236,6 +244,7 @@ class Trainer:
             step_done = step + 1
             images_seen += sum(x.shape[0] for x in images) * self.dist.world_size
             bar.update(1)
+            probe_due = self.probe is not None and (step_done % t.probe_every == 0 or step_done == self.total_steps)
             if step_done % t.log_every == 0 or step_done == self.total_steps:
                 last_row = self._log_row(step_done, running, counts)     # syncs: the timing below is the device's
                 elapsed = time.perf_counter() - tick
@@ -243,6 +252,8 @@ class Trainer:
                 last_row["img_per_s"] = images_seen / max(elapsed, 1e-9)
                 last_row["step_s"] = elapsed / counts["loss"]            # Table 4 of GAN-MAE: time per scheme
                 last_row["train_hours"] = self.train_seconds / 3600
+                if probe_due:                                            # after the timing: not training time
+                    last_row.update(self._online_probe(step_done))
                 running, counts, images_seen, tick = {}, {}, 0, time.perf_counter()
                 if log is not None:
                     log.write(last_row)
@@ -255,6 +266,11 @@ class Trainer:
                     raise TrainingDiverged(
                         f"{int(last_row['max_nonfinite_streak'])} steps in a row had a non-finite loss or gradient "
                         f"(skipped); lower optim.base_lr, set optim.clip_grad, or use train.precision=fp32")
+            elif probe_due:
+                probe_row = self._online_probe(step_done)
+                tick += probe_row["probe/seconds"]                       # not training time
+                if log is not None:
+                    log.write({"step": step_done, **probe_row})
             if t.sample_every and step_done % t.sample_every == 0 and self.dist.is_main:
                 grid = self.save_samples(self.out / "samples" / f"step-{step_done:07d}.png")
                 if log is not None:
@@ -325,6 +341,15 @@ class Trainer:
         self.nonfinite_total += bad
         self.streak = (self.streak + bad) * bad
         self.max_streak = torch.maximum(self.max_streak, self.streak)
+
+    def _online_probe(self, step: int) -> dict:
+        row = self.probe(self.method.encoder.model)
+        self.method.train()
+        if not self.quiet:
+            shown = ", ".join(f"{k.split('/')[1].replace('_top1', '')} {v:.2f}%" for k, v in row.items()
+                              if k.endswith("top1"))
+            print(f"online probe at step {step}: {shown} ({row['probe/seconds']:.1f} s)", flush=True)
+        return row
 
     def _log_row(self, step: int, running: dict, counts: dict) -> dict:
         names = list(running)

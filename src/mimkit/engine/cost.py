@@ -1,0 +1,138 @@
+"""What a recipe costs on this device: parameters per part, training FLOPs per image, images/s and peak memory of
+eager and compiled steps, and the share of the device's peak they reach (`mimkit bench`).
+
+FLOPs are counted by `torch.utils.flop_counter` over one whole engine step (every stage's forward and backward; the
+optimiser's element-wise work is not counted), so they are device-independent and include what hand formulas miss
+(e.g. a method's second generator pass or a regulariser's double backward). Images are made on the device, so the
+speed is the model's and the engine's, not the data loader's.
+"""
+from __future__ import annotations
+
+import copy
+import tempfile
+import time
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from mimkit.config import Config
+
+# dense bf16 tensor-core peaks (FLOP/s) of devices whose share of peak is worth printing
+DEVICE_PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "V100": 125e12}
+
+
+class _GlobalOnly:
+    """FlopCounterMode's per-module tracker hooks every module's backward, which a method's autograd.grad (R1,
+    path length) cannot run under; only the total is needed."""
+    parents = {"Global"}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *args):
+        return False
+
+
+def parameter_table(method) -> list[tuple[str, int, bool]]:
+    """(part, parameters, trainable): the encoder first, then each other top-level module without the encoder."""
+    encoder_ids = {id(p) for p in method.encoder.parameters()}
+    rows = [("encoder", sum(p.numel() for p in method.encoder.parameters()), True)]
+    for name, child in method.named_children():
+        params = [p for p in child.parameters() if id(p) not in encoder_ids]
+        if params:
+            rows.append((name if len(params) == len(list(child.parameters())) else f"{name} (without the encoder)",
+                         sum(p.numel() for p in params), any(p.requires_grad for p in params)))
+    return rows
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in DEVICE_PEAK_BF16.items() if key in name), None)
+
+
+def _trainer(cfg: Config, out: str, batch: int, compile_model: bool, device: str | None):
+    from mimkit.engine.trainer import Trainer
+    cfg = copy.deepcopy(cfg)
+    cfg.data.batch_size, cfg.train.accum_steps, cfg.train.compile = batch, 1, compile_model
+    cfg.train.sample_every, cfg.data.num_workers, cfg.train.online_probe = 0, 0, None
+    c = cfg.data.channels or 3
+    cfg.data.spec = f"synthetic:{c}x{cfg.model.img_size[0]}x{cfg.model.img_size[1]}"
+    return Trainer(cfg, out, quiet=True, device=device)
+
+
+def total_flop_counter() -> FlopCounterMode:
+    """A FlopCounterMode that counts the total only (and so also runs where a method calls autograd.grad)."""
+    counter = FlopCounterMode(display=False)
+    counter.mod_tracker = _GlobalOnly()
+    return counter
+
+
+def step_flops(trainer, images: torch.Tensor, step: int) -> int:
+    counter = total_flop_counter()
+    with counter:
+        trainer._step([images], {}, {}, step)
+    return counter.get_total_flops()
+
+
+def measure(cfg: Config, batch: int, steps: int = 10, warmup: int = 3, modes=("eager", "compiled"),
+            device: str | None = None, flop_batch: int = 2) -> dict:
+    """{'parts': parameter rows, 'flops_per_image', 'device', 'peak', 'modes': [{mode, img_per_s, step_ms, peak_gib,
+    warmup_s, tflops, share_of_peak}]}."""
+    result: dict = {"modes": []}
+    with tempfile.TemporaryDirectory() as out:
+        trainer = _trainer(cfg, out, flop_batch, False, device)
+        dev = trainer.device
+        h, w = cfg.model.img_size
+        images = torch.randn(flop_batch, trainer.in_chans, h, w, device=dev)
+        step = trainer.warmup_steps            # past warm-up: every stage of the schedule runs
+        result["parts"] = parameter_table(trainer.method)
+        result["flops_per_image"] = step_flops(trainer, images, step) / flop_batch
+        result["device"] = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
+        result["peak"] = peak_flops(dev)
+    for mode in modes:
+        with tempfile.TemporaryDirectory() as out:
+            trainer = _trainer(cfg, out, batch, mode == "compiled", device)
+            dev = trainer.device
+            images = [torch.randn(batch, trainer.in_chans, h, w, device=dev)]
+            step = trainer.warmup_steps
+            for scheduler in trainer.schedulers.values():
+                scheduler.step_update(step)
+            start = time.perf_counter()
+            for _ in range(warmup):
+                trainer._step(images, {}, {}, step)
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+                torch.cuda.reset_peak_memory_stats(dev)
+            first = time.perf_counter() - start
+            start = time.perf_counter()
+            for _ in range(steps):
+                trainer._step(images, {}, {}, step)
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            elapsed = time.perf_counter() - start
+            img_s = steps * batch / elapsed
+            achieved = img_s * result["flops_per_image"]
+            result["modes"].append({
+                "mode": mode, "img_per_s": img_s, "step_ms": 1000 * elapsed / steps, "warmup_s": first,
+                "peak_gib": torch.cuda.max_memory_allocated(dev) / 2 ** 30 if dev.type == "cuda" else None,
+                "tflops": achieved / 1e12, "share_of_peak": achieved / result["peak"] if result["peak"] else None})
+    return result
+
+
+def format_table(name: str, batch: int, result: dict) -> str:
+    lines = [f"# {name}: {result['device']}, batch {batch}, torch {torch.__version__}",
+             "", "| part | parameters | trained |", "|---|---|---|"]
+    lines += [f"| {part} | {count / 1e6:.2f}M | {'yes' if trained else 'frozen'} |"
+              for part, count, trained in result["parts"]]
+    lines += ["", f"training FLOPs per image (forward + backward of every stage): "
+                  f"{result['flops_per_image'] / 1e9:.2f} GFLOP", "",
+              "| mode | images/s | step (ms) | achieved TFLOP/s | share of peak | peak memory (GiB) | warm-up (s) |",
+              "|---|---|---|---|---|---|---|"]
+    for m in result["modes"]:
+        share = f"{100 * m['share_of_peak']:.1f} %" if m["share_of_peak"] is not None else "n/a (peak unknown)"
+        memory = f"{m['peak_gib']:.2f}" if m["peak_gib"] is not None else "n/a (CPU)"
+        lines.append(f"| {m['mode']} | {m['img_per_s']:.1f} | {m['step_ms']:.1f} | {m['tflops']:.3f} | {share} | "
+                     f"{memory} | {m['warmup_s']:.1f} |")
+    return "\n".join(lines)
