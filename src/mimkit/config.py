@@ -41,6 +41,8 @@ class DataConfig:
     crop_scale: list = field(default_factory=lambda: [0.2, 1.0])   # RandomResizedCrop scale (MAE: 0.2-1)
     crop_ratio: list = field(default_factory=lambda: [3 / 4, 4 / 3])
     hflip: bool = True
+    interpolation: str = "bicubic"          # crop resizing: bicubic (MAE) | bilinear
+    augment_on: str = "device"              # device: crops for a whole batch in one call | worker: per image
     mean: list | None = None                # per channel; None = from the dataset
     std: list | None = None
 
@@ -276,6 +278,8 @@ def validate_values(cfg: Config) -> None:
            "[low, high] with 0 < low <= high <= 1")
     _check(len(d.crop_ratio) == 2 and 0 < d.crop_ratio[0] <= d.crop_ratio[1], "data.crop_ratio", d.crop_ratio,
            "[low, high] with 0 < low <= high")
+    _check(d.interpolation in ("bicubic", "bilinear"), "data.interpolation", d.interpolation, "bicubic or bilinear")
+    _check(d.augment_on in ("device", "worker"), "data.augment_on", d.augment_on, "device or worker")
     _check(o.base_lr > 0, "optim.base_lr", o.base_lr, "positive")
     _check(o.min_lr >= 0, "optim.min_lr", o.min_lr, "0 or more")
     _check(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "0 or more")

@@ -41,18 +41,24 @@ def to_unit_float(images: torch.Tensor) -> torch.Tensor:
 
 
 class PretrainTransform:
-    """RandomResizedCrop (bicubic) + horizontal flip, seeded per sample."""
+    """RandomResizedCrop (bicubic or bilinear, antialiased) + horizontal flip, seeded per sample."""
 
-    def __init__(self, size, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3), hflip: bool = True):
+    def __init__(self, size, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3), hflip: bool = True,
+                 interpolation: str = "bicubic"):
         self.size, self.scale, self.ratio, self.hflip = list(size), tuple(scale), tuple(ratio), hflip
+        self.interpolation = interpolation
+
+    def draw(self, height: int, width: int, seed: int) -> tuple[int, int, int, int, bool]:
+        """(top, left, h, w, flip) of the sample with this seed: the same on the per-image and the batched path."""
+        gen = torch.Generator().manual_seed(seed)
+        top, left, h, w = random_resized_crop_box(height, width, self.scale, self.ratio, gen)
+        return top, left, h, w, self.hflip and torch.rand(1, generator=gen).item() < 0.5
 
     def __call__(self, image: torch.Tensor, seed: int) -> torch.Tensor:
-        gen = torch.Generator().manual_seed(seed)
-        top, left, h, w = random_resized_crop_box(image.shape[-2], image.shape[-1], self.scale, self.ratio, gen)
-        out = TF.resized_crop(image, top, left, h, w, self.size, interpolation=InterpolationMode.BICUBIC, antialias=True)
-        if self.hflip and torch.rand(1, generator=gen).item() < 0.5:
-            out = TF.horizontal_flip(out)
-        return out
+        top, left, h, w, flip = self.draw(image.shape[-2], image.shape[-1], seed)
+        mode = InterpolationMode.BICUBIC if self.interpolation == "bicubic" else InterpolationMode.BILINEAR
+        out = TF.resized_crop(image, top, left, h, w, self.size, interpolation=mode, antialias=True)
+        return TF.horizontal_flip(out) if flip else out
 
 
 class EvalTransform:

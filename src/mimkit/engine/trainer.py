@@ -22,6 +22,7 @@ from tqdm import tqdm
 import mimkit
 from mimkit.config import Config, GroupOptimConfig
 from mimkit.data import Augmented, EvalTransform, PretrainTransform, ResumableSampler, build_dataset, to_unit_float
+from mimkit.data.batched import BatchedCrops, pad_collate, resized_crops
 from mimkit.engine import dist as D
 from mimkit.engine.checkpoint import (CheckpointError, find_resume_checkpoint, frozen_sources, is_run_checkpoint,
                                       load_checkpoint, save_atomic, state_dict_of, verify_frozen_sources)
@@ -194,11 +195,15 @@ class Trainer:
         cfg = self.cfg
         per_epoch = len(self.dataset) // self.dist.world_size // cfg.data.batch_size
         epoch, offset = divmod(start_micro, per_epoch)
-        transform = PretrainTransform(cfg.model.img_size, cfg.data.crop_scale, cfg.data.crop_ratio, cfg.data.hflip)
+        d = cfg.data
+        transform = PretrainTransform(cfg.model.img_size, d.crop_scale, d.crop_ratio, d.hflip, d.interpolation)
+        batched = d.augment_on == "device"     # workers send box regions; _prepare crops the batch on the device
+        dataset = BatchedCrops(self.dataset, transform) if batched else Augmented(self.dataset, transform)
         while True:
             sampler = ResumableSampler(len(self.dataset), cfg.train.seed, epoch, self.dist.rank,
                                        self.dist.world_size, skip=offset * cfg.data.batch_size)
-            loader = DataLoader(Augmented(self.dataset, transform), batch_size=cfg.data.batch_size, sampler=sampler,
+            loader = DataLoader(dataset, batch_size=cfg.data.batch_size, sampler=sampler,
+                                collate_fn=pad_collate if batched else None,
                                 num_workers=cfg.data.num_workers, drop_last=True,
                                 pin_memory=self.device.type == "cuda", persistent_workers=False,
                                 generator=torch.Generator())  # its seed draw must not touch the global RNG
@@ -208,6 +213,14 @@ class Trainer:
     def _normalise(self, images: torch.Tensor) -> torch.Tensor:
         x = images.to(self.device, non_blocking=True)
         x = to_unit_float(x)
+        return (x - self.mean) / self.std
+
+    def _prepare(self, micro) -> torch.Tensor:
+        """A loader batch -> normalised images on the device; a batched-crop batch is cropped there first."""
+        if len(micro) == 3:
+            return self._normalise(micro[0])
+        x = to_unit_float(micro[0].to(self.device, non_blocking=True))
+        x = resized_crops(x, micro[3], self.cfg.model.img_size, self.cfg.data.interpolation)
         return (x - self.mean) / self.std
 
     def _fixed_sample_batch(self) -> torch.Tensor:
@@ -236,7 +249,7 @@ class Trainer:
             log.write({"step": 0, **self._online_probe(0)})
         for step in range(self.start_step, self.total_steps):
             micro = [next(batches) for _ in range(t.accum_steps)]
-            images = [self._normalise(m[0]) for m in micro]
+            images = [self._prepare(m) for m in micro]
             self.skipped_images += sum(int(m[2].sum()) for m in micro)
             for scheduler in self.schedulers.values():
                 scheduler.step_update(step)

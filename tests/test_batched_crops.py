@@ -1,0 +1,91 @@
+"""Batched RandomResizedCrop on the device: the same boxes as the per-image path, the same pixels where torchvision
+resizes without antialiasing (enlarged crops, bilinear), a stated difference where it shrinks; the trainer uses it by
+default and a run gives the same losses as the per-image path to rounding."""
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision.transforms.v2.functional as TF
+from torchvision.transforms import InterpolationMode
+
+from mimkit.config import ConfigError, load_config
+from mimkit.data.batched import BatchedCrops, pad_collate, resized_crops
+from mimkit.data.transforms import PretrainTransform
+from mimkit.engine.trainer import Trainer
+from tests.conftest import MAE_PICO, metrics_rows
+
+
+def smooth_image(h=75, w=100, c=3, seed=0):
+    torch.manual_seed(seed)
+    return (F.interpolate(torch.rand(1, c, h // 5, w // 5), size=(h, w), mode="bilinear")[0] * 255).round().to(torch.uint8)
+
+
+def per_image_float(image, transform, seed, mode):
+    """The per-image path's crop, computed in float (no rounding to uint8)."""
+    top, left, h, w, flip = transform.draw(image.shape[-2], image.shape[-1], seed)
+    interp = InterpolationMode.BILINEAR if mode == "bilinear" else InterpolationMode.BICUBIC
+    out = TF.resized_crop(image.float() / 255, top, left, h, w, transform.size, interpolation=interp, antialias=True)
+    return TF.horizontal_flip(out) if flip else out
+
+
+def batched(images, transform, seeds, mode):
+    data = BatchedCrops([(x, 0, 0) for x in images], transform)
+    pixels, labels, skipped, params = pad_collate([data[(i, s)] for i, s in enumerate(seeds)])
+    return resized_crops(pixels.float() / 255, params, transform.size, mode)
+
+
+def test_enlarged_bilinear_crops_equal_the_per_image_path_and_use_its_boxes():
+    image = smooth_image()
+    transform = PretrainTransform((96, 96), scale=(0.05, 0.3), interpolation="bilinear")   # every crop enlarged
+    seeds = list(range(100, 132))
+    out = batched([image] * 32, transform, seeds, "bilinear")
+    ref = torch.stack([per_image_float(image, transform, s, "bilinear") for s in seeds])
+    assert torch.allclose(out, ref, atol=1e-5)
+    uint8_path = torch.stack([transform(image, s) for s in seeds]).float() / 255    # what training used so far
+    assert (out - uint8_path).abs().max() <= 1 / 255 + 1e-6                        # its rounding to 8 bits only
+    flips = [transform.draw(75, 100, s)[4] for s in seeds]
+    assert 0 < sum(flips) < 32
+
+
+def test_shrunk_and_bicubic_crops_are_close_to_the_per_image_path():
+    """Stated tolerances: shrinking, s x s supersampling stands in for torchvision's antialias filter; bicubic,
+    grid_sample's kernel (a = -0.75) differs from torchvision's antialiased one (a = -0.5)."""
+    image = smooth_image(300, 400)
+    for mode, scale in (("bilinear", (0.2, 1.0)), ("bicubic", (0.05, 0.3)), ("bicubic", (0.2, 1.0))):
+        transform = PretrainTransform((112, 112), scale=scale, interpolation=mode)
+        seeds = list(range(16))
+        diff = (batched([image] * 16, transform, seeds, mode)
+                - torch.stack([per_image_float(image, transform, s, mode) for s in seeds])).abs()
+        assert diff.mean() < 0.01 and diff.max() < 0.08, (mode, scale, diff.mean(), diff.max())
+
+
+def test_images_of_different_sizes_crop_as_if_alone():
+    small, large = smooth_image(40, 30, seed=1), smooth_image(90, 120, seed=2)
+    transform = PretrainTransform((32, 32), scale=(0.3, 1.0), interpolation="bilinear")
+    together = batched([small, large], transform, [5, 6], "bilinear")
+    assert torch.allclose(together[0], batched([small], transform, [5], "bilinear")[0], atol=1e-6)
+    assert torch.allclose(together[1], batched([large], transform, [6], "bilinear")[0], atol=1e-6)
+
+
+def small_run(fmnist_small, extra=()):
+    return load_config(None, MAE_PICO + [f"data.spec=idx:{fmnist_small}", "data.batch_size=256", "data.num_workers=0",
+                                         "optim.warmup_epochs=0", "train.log_every=1", "train.ckpt_every=1000",
+                                         "train.sample_every=0", "train.steps=3", "data.interpolation=bilinear"]
+                       + list(extra))
+
+
+def test_trainer_crops_on_the_device_by_default_and_matches_the_worker_path(fmnist_small, tmp_path):
+    trainer = Trainer(small_run(fmnist_small), tmp_path / "device", quiet=True)
+    batch = next(trainer._micro_batches(0))
+    assert len(batch) == 4 and batch[3].shape == (256, 5)              # box regions + params: the batched path
+    trainer.train()
+    Trainer(small_run(fmnist_small, ["data.augment_on=worker"]), tmp_path / "worker", quiet=True).train()
+    device = [r["loss"] for r in metrics_rows(tmp_path / "device")]
+    worker = [r["loss"] for r in metrics_rows(tmp_path / "worker")]
+    assert device == pytest.approx(worker, rel=2e-3)                   # the same crops up to 8-bit rounding
+
+
+def test_crop_settings_are_checked():
+    with pytest.raises(ConfigError, match="data.interpolation='nearest' is out of range"):
+        load_config(None, MAE_PICO + ["data.interpolation=nearest"])
+    with pytest.raises(ConfigError, match="data.augment_on='gpu' is out of range"):
+        load_config(None, MAE_PICO + ["data.augment_on=gpu"])
