@@ -19,18 +19,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from mimkit.data.transforms import Augmented
+
 MAX_SUPERSAMPLE = 4
 
 
-class BatchedCrops(torch.utils.data.Dataset):
+class BatchedCrops(Augmented):
     """Wraps a dataset: item (index, seed) -> (the box's pixels [C, h, w], label, skipped, params [5] = top, left,
     height, width, flip within what is sent), the box drawn by `transform.draw` as the per-image path draws it."""
-
-    def __init__(self, dataset, transform):
-        self.dataset, self.transform = dataset, transform
-
-    def __len__(self) -> int:
-        return len(self.dataset)
 
     def __getitem__(self, item):
         """The box's pixels only (torchvision crops before it resizes, so its kernel never reads past the box)."""
