@@ -89,3 +89,30 @@ def test_crop_settings_are_checked():
         load_config(None, MAE_PICO + ["data.interpolation=nearest"])
     with pytest.raises(ConfigError, match="data.augment_on='gpu' is out of range"):
         load_config(None, MAE_PICO + ["data.augment_on=gpu"])
+
+
+def test_a_worker_batch_decodes_its_jpegs_together_like_pil_and_skips_bad_files(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from mimkit.data.datasets import ImageFolderDataset
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        (tmp_path / f"c{i % 2}").mkdir(exist_ok=True)
+        arr = (np.kron(rng.random((6, 8, 3)), np.ones((10, 10, 1))) * 255).astype(np.uint8)
+        Image.fromarray(arr).save(tmp_path / f"c{i % 2}" / (f"{i}.png" if i == 3 else f"{i}.jpg"), quality=90)
+    (tmp_path / "c1" / "9_broken.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")
+    dataset = ImageFolderDataset(tmp_path)
+    transform = PretrainTransform((32, 32), scale=(0.3, 1.0))
+    crops = BatchedCrops(dataset, transform)
+    items = [(i, 100 + i) for i in range(len(dataset))]
+    with pytest.warns(UserWarning, match="9_broken.jpg"):
+        together = crops.__getitems__(items)
+        alone = [crops[item] for item in items]
+    assert len(together) == len(dataset) == 7
+    for a, b in zip(together, alone):
+        assert torch.equal(a[0], b[0]) and a[1:3] == b[1:3] and torch.equal(a[3], b[3])
+    broken = [str(f) for f in dataset.files].index(str(tmp_path / "c1" / "9_broken.jpg"))
+    assert together[broken][2] == 1 and sum(t[2] for t in together) == 1     # skipped, a neighbour given, counted
+    decoded = dataset.decode_jpegs(list(range(len(dataset))))
+    assert decoded[broken] is None and decoded[[f.suffix for f in dataset.files].index(".png")] is None

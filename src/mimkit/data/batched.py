@@ -32,8 +32,22 @@ class BatchedCrops(Augmented):
         """The box's pixels only (torchvision crops before it resizes, so its kernel never reads past the box)."""
         index, seed = item if isinstance(item, tuple) else (item, item)
         image, label, skipped = self.dataset[index]
+        return self._crop_region(image, label, skipped, seed)
+
+    def _crop_region(self, image, label, skipped, seed):
         top, left, h, w, flip = self.transform.draw(image.shape[-2], image.shape[-1], seed)
         return image[:, top:top + h, left:left + w], label, skipped, torch.tensor([0, 0, h, w, int(flip)])
+
+    def __getitems__(self, items):
+        """A worker's whole batch: its JPEGs decoded in one torchvision.io.decode_jpeg call (a folder's other
+        formats, and files that fail, take the per-file path)."""
+        items = [item if isinstance(item, tuple) else (item, item) for item in items]
+        if not hasattr(self.dataset, "decode_jpegs"):
+            return [self[item] for item in items]
+        decoded = self.dataset.decode_jpegs([index for index, _ in items])
+        return [self[(index, seed)] if image is None else
+                self._crop_region(image, self.dataset.labels[index], 0, seed)
+                for (index, seed), image in zip(items, decoded)]
 
 
 def pad_collate(batch):

@@ -20,6 +20,7 @@ from torch.utils.data import Dataset
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_MEAN, FASHION_MNIST_STD = [0.2860], [0.3530]
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+JPEG_EXTENSIONS = {".jpg", ".jpeg"}
 ARRAY_EXTENSIONS = {".npy"}
 
 
@@ -183,6 +184,38 @@ class ImageFolderDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.files)
+
+    def jpeg_bytes(self, index: int) -> torch.Tensor | None:
+        """A JPEG file's encoded bytes (None for other formats), for batched decoding (`decode_jpegs`)."""
+        path = self.files[index]
+        if path.suffix.lower() not in JPEG_EXTENSIONS:
+            return None
+        return torch.frombuffer(bytearray(path.read_bytes()), dtype=torch.uint8)
+
+    def decode_jpegs(self, indices: list[int], device: str | torch.device = "cpu") -> list[torch.Tensor | None]:
+        """The JPEGs among `indices` decoded together with torchvision.io.decode_jpeg (on `device`), conformed to the
+        dataset's channels and dtype; None where a file is not a JPEG or does not decode (the caller then takes the
+        per-file path, which skips it and counts it)."""
+        from torchvision.io import ImageReadMode, decode_jpeg
+        encoded = [self.jpeg_bytes(i) for i in indices]
+        present = [e for e in encoded if e is not None]
+        mode = {1: ImageReadMode.GRAY, 3: ImageReadMode.RGB}.get(self.channels, ImageReadMode.UNCHANGED)
+        with warnings.catch_warnings():   # torchvision 0.29 deprecates its decoders for TorchCodec's; they still work
+            warnings.simplefilter("ignore", DeprecationWarning)
+            try:
+                decoded = decode_jpeg(present, mode=mode, device=device) if present else []
+            except RuntimeError:          # one bad file fails the batch: decode one by one
+                decoded = []
+                for e in present:
+                    try:
+                        decoded.append(decode_jpeg(e, mode=mode, device=device))
+                    except RuntimeError:
+                        decoded.append(None)
+        out, it = [], iter(decoded)
+        for i, e in zip(indices, encoded):
+            image = next(it) if e is not None else None
+            out.append(None if image is None else self._conform(image, self.files[i]))
+        return out
 
     def __getitem__(self, index: int):
         for offset in range(len(self.files)):
