@@ -1,6 +1,7 @@
 """Batched RandomResizedCrop on the device: the same boxes as the per-image path, the same pixels where torchvision
-resizes without antialiasing (enlarged crops, bilinear), a stated difference where it shrinks; the trainer uses it by
-default and a run gives the same losses as the per-image path to rounding."""
+resizes without antialiasing (enlarged crops, bilinear), a stated difference where it shrinks; the trainer uses it on
+CUDA (or when asked) and a run gives the same losses as the per-image path to rounding. Batched JPEG decoding in the
+workers gives PIL's pixels."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -73,12 +74,14 @@ def small_run(fmnist_small, extra=()):
                        + list(extra))
 
 
-def test_trainer_crops_on_the_device_by_default_and_matches_the_worker_path(fmnist_small, tmp_path):
-    trainer = Trainer(small_run(fmnist_small), tmp_path / "device", quiet=True)
+def test_trainer_crops_on_the_device_when_asked_and_matches_the_worker_path(fmnist_small, tmp_path):
+    trainer = Trainer(small_run(fmnist_small, ["data.augment_on=device"]), tmp_path / "device", quiet=True)
     batch = next(trainer._micro_batches(0))
     assert len(batch) == 4 and batch[3].shape == (256, 5)              # box regions + params: the batched path
     trainer.train()
-    Trainer(small_run(fmnist_small, ["data.augment_on=worker"]), tmp_path / "worker", quiet=True).train()
+    auto = Trainer(small_run(fmnist_small), tmp_path / "worker", quiet=True)     # auto on a CPU: the workers crop
+    assert len(next(auto._micro_batches(0))) == 3
+    auto.train()
     device = [r["loss"] for r in metrics_rows(tmp_path / "device")]
     worker = [r["loss"] for r in metrics_rows(tmp_path / "worker")]
     assert device == pytest.approx(worker, rel=2e-3)                   # the same crops up to 8-bit rounding
@@ -87,7 +90,7 @@ def test_trainer_crops_on_the_device_by_default_and_matches_the_worker_path(fmni
 def test_crop_settings_are_checked():
     with pytest.raises(ConfigError, match="data.interpolation='nearest' is out of range"):
         load_config(None, MAE_PICO + ["data.interpolation=nearest"])
-    with pytest.raises(ConfigError, match="data.augment_on='gpu' is out of range"):
+    with pytest.raises(ConfigError, match="data.augment_on='gpu' is out of range: it must be auto, device or worker"):
         load_config(None, MAE_PICO + ["data.augment_on=gpu"])
 
 

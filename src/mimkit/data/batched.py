@@ -28,26 +28,10 @@ class BatchedCrops(Augmented):
     """Wraps a dataset: item (index, seed) -> (the box's pixels [C, h, w], label, skipped, params [5] = top, left,
     height, width, flip within what is sent), the box drawn by `transform.draw` as the per-image path draws it."""
 
-    def __getitem__(self, item):
+    def finish(self, image, label, skipped, seed):
         """The box's pixels only (torchvision crops before it resizes, so its kernel never reads past the box)."""
-        index, seed = item if isinstance(item, tuple) else (item, item)
-        image, label, skipped = self.dataset[index]
-        return self._crop_region(image, label, skipped, seed)
-
-    def _crop_region(self, image, label, skipped, seed):
         top, left, h, w, flip = self.transform.draw(image.shape[-2], image.shape[-1], seed)
         return image[:, top:top + h, left:left + w], label, skipped, torch.tensor([0, 0, h, w, int(flip)])
-
-    def __getitems__(self, items):
-        """A worker's whole batch: its JPEGs decoded in one torchvision.io.decode_jpeg call (a folder's other
-        formats, and files that fail, take the per-file path)."""
-        items = [item if isinstance(item, tuple) else (item, item) for item in items]
-        if not hasattr(self.dataset, "decode_jpegs"):
-            return [self[item] for item in items]
-        decoded = self.dataset.decode_jpegs([index for index, _ in items])
-        return [self[(index, seed)] if image is None else
-                self._crop_region(image, self.dataset.labels[index], 0, seed)
-                for (index, seed), image in zip(items, decoded)]
 
 
 def pad_collate(batch):
@@ -55,10 +39,11 @@ def pad_collate(batch):
     crop at an image's border reads the values torchvision's resize clamps to)."""
     images, labels, skipped, params = zip(*batch)
     hmax, wmax = max(x.shape[-2] for x in images), max(x.shape[-1] for x in images)
-    padded = [x if x.shape[-2:] == (hmax, wmax) else
-              F.pad(x[None].float(), (0, wmax - x.shape[-1], 0, hmax - x.shape[-2]), mode="replicate")[0].to(x.dtype)
-              for x in images]
-    return torch.stack(padded), torch.tensor(labels), torch.tensor(skipped), torch.stack(params)
+    out = torch.empty(len(images), images[0].shape[0], hmax, wmax, dtype=images[0].dtype)
+    for slot, x in zip(out, images):       # index clamping: any dtype, no float copy
+        h, w = x.shape[-2:]
+        slot.copy_(x[:, torch.arange(hmax).clamp(max=h - 1)][:, :, torch.arange(wmax).clamp(max=w - 1)])
+    return out, torch.tensor(labels), torch.tensor(skipped), torch.stack(params)
 
 
 def resized_crops(images: torch.Tensor, params: torch.Tensor, size, mode: str = "bilinear") -> torch.Tensor:

@@ -86,4 +86,17 @@ class Augmented(torch.utils.data.Dataset):
     def __getitem__(self, item):
         index, seed = item if isinstance(item, tuple) else (item, item)
         image, label, skipped = self.dataset[index]
+        return self.finish(image, label, skipped, seed)
+
+    def finish(self, image, label, skipped, seed):
         return self.transform(image, seed), label, skipped
+
+    def __getitems__(self, items):
+        """A worker's whole batch: its JPEGs decoded in one torchvision.io.decode_jpeg call (a folder's other formats,
+        and files that fail to decode, take the per-file path, which skips and counts them)."""
+        items = [item if isinstance(item, tuple) else (item, item) for item in items]
+        if not hasattr(self.dataset, "decode_jpegs"):
+            return [self[item] for item in items]
+        decoded = self.dataset.decode_jpegs([index for index, _ in items])
+        return [self[(index, seed)] if image is None else self.finish(image, self.dataset.labels[index], 0, seed)
+                for (index, seed), image in zip(items, decoded)]

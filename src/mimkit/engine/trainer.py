@@ -197,7 +197,8 @@ class Trainer:
         epoch, offset = divmod(start_micro, per_epoch)
         d = cfg.data
         transform = PretrainTransform(cfg.model.img_size, d.crop_scale, d.crop_ratio, d.hflip, d.interpolation)
-        batched = d.augment_on == "device"     # workers send box regions; _prepare crops the batch on the device
+        # workers send box regions and _prepare crops the batch on the device; on a CPU the workers crop faster
+        batched = d.augment_on == "device" or (d.augment_on == "auto" and self.device.type == "cuda")
         dataset = BatchedCrops(self.dataset, transform) if batched else Augmented(self.dataset, transform)
         while True:
             sampler = ResumableSampler(len(self.dataset), cfg.train.seed, epoch, self.dist.rank,
