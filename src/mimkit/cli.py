@@ -137,6 +137,14 @@ def build_parser() -> argparse.ArgumentParser:
     tc.add_argument("--out", required=True, help=".safetensors file")
     tc.add_argument("--trust-pickle", action="store_true", help="allow unpickling (runs code from the files)")
 
+    p = sub.add_parser("data", help="data utilities")
+    dsub = p.add_subparsers(dest="data_command", required=True)
+    pk = dsub.add_parser("pack", help="write an image folder as WebDataset tar shards + index.json")
+    pk.add_argument("--data", required=True, help="folder:DIR (DIR/train if present)")
+    pk.add_argument("--out", required=True, help="an empty folder for the shards")
+    pk.add_argument("--shard-size", default="1GB", help="largest shard, e.g. 512MB, 1GB (default)")
+    pk.add_argument("--channels", type=int, default=None, help="convert every image to this many channels")
+
     p = sub.add_parser("bench", help="a recipe's cost here: parameters per part, FLOPs per image, images/s, memory")
     p.add_argument("--config", required=True, action="append", help="recipe YAML (repeat for several)")
     p.add_argument("--batch", type=int, default=None, help="images per step (default: the recipe's data.batch_size)")
@@ -406,6 +414,19 @@ def _run(args) -> int:
         print(json.dumps({"safetensors": str(weights), "json": str(meta)}))
     elif args.command == "tokenizer":
         run_tokenizer_command(args)
+    elif args.command == "data":
+        from mimkit.data.shards import pack_shards
+        size = args.shard_size.strip().upper()
+        units = {"KB": 2 ** 10, "MB": 2 ** 20, "GB": 2 ** 30, "B": 1}
+        unit = next((u for u in units if size.endswith(u)), "B")
+        try:
+            shard_bytes = int(float(size[: len(size) - len(unit)]) * units[unit])
+        except ValueError:
+            raise ValueError(f"--shard-size must be a size like 512MB or 1GB, not {args.shard_size!r}") from None
+        if shard_bytes < 2 ** 10:
+            raise ValueError(f"--shard-size={args.shard_size} is too small; use at least 1KB (1GB is typical)")
+        index = pack_shards(args.data, args.out, shard_bytes, args.channels)
+        print(json.dumps({"out": args.out, "images": index["count"], "shards": len(index["shards"])}))
     elif args.command == "bench":
         from mimkit.config import load_config
         from mimkit.engine.cost import format_table, measure

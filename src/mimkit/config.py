@@ -42,6 +42,7 @@ class DataConfig:
     crop_ratio: list = field(default_factory=lambda: [3 / 4, 4 / 3])
     hflip: bool = True
     interpolation: str = "bicubic"          # crop resizing: bicubic (MAE) | bilinear
+    shuffle_buffer: int = 1000              # shards: samples in each worker's seeded shuffle buffer
     augment_on: str = "auto"                # device: crops for a whole batch in one call | worker: per image | auto:
                                             # device when training on CUDA (on a CPU the workers' kernels are faster)
     mean: list | None = None                # per channel; None = from the dataset
@@ -280,6 +281,7 @@ def validate_values(cfg: Config) -> None:
     _check(len(d.crop_ratio) == 2 and 0 < d.crop_ratio[0] <= d.crop_ratio[1], "data.crop_ratio", d.crop_ratio,
            "[low, high] with 0 < low <= high")
     _check(d.interpolation in ("bicubic", "bilinear"), "data.interpolation", d.interpolation, "bicubic or bilinear")
+    _check(d.shuffle_buffer >= 1, "data.shuffle_buffer", d.shuffle_buffer, "at least 1")
     _check(d.augment_on in ("auto", "device", "worker"), "data.augment_on", d.augment_on, "auto, device or worker")
     _check(o.base_lr > 0, "optim.base_lr", o.base_lr, "positive")
     _check(o.min_lr >= 0, "optim.min_lr", o.min_lr, "0 or more")

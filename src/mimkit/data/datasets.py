@@ -152,8 +152,14 @@ class ImageFolderDataset(Dataset):
     def load(path: Path) -> torch.Tensor:
         """One file as [C, H, W]: uint8 for 8-bit images, float32 in [0, 1] for 16-bit ones, float32 as stored
         for .npy arrays (which must be finite)."""
+        return ImageFolderDataset.load_bytes(path.read_bytes(), path)
+
+    @staticmethod
+    def load_bytes(data: bytes, path: Path) -> torch.Tensor:
+        """`load` of a file's bytes (`path` names it: its suffix picks the decoder, and it is in messages)."""
+        import io
         if path.suffix.lower() in ARRAY_EXTENSIONS:
-            arr = np.load(path, allow_pickle=False)
+            arr = np.load(io.BytesIO(data), allow_pickle=False)
             if arr.ndim == 2:
                 arr = arr[None]
             arr = np.ascontiguousarray(arr, dtype=np.float32)
@@ -161,7 +167,7 @@ class ImageFolderDataset(Dataset):
                 raise DataError(f"{path} holds NaN or infinite values; fix or remove that file")
             return torch.from_numpy(arr)
         from PIL import Image
-        with Image.open(path) as img:
+        with Image.open(io.BytesIO(data)) as img:
             img.load()
             if img.mode.startswith("I;16") or img.mode == "I":     # 16-bit PNG/TIFF: scale the full range to [0, 1]
                 arr = np.asarray(img).astype(np.float32) / 65535.0
@@ -277,8 +283,9 @@ def resolve_spec(spec: str) -> tuple[str, Path]:
     if spec in ("fashion-mnist", "fmnist"):
         return "idx", Path(os.environ.get("MIMKIT_DATA_DIR", FASHION_MNIST_DIR))
     kind, sep, path = spec.partition(":")
-    if not sep or kind not in ("idx", "folder", "synthetic") or not path:
-        raise DataError(f"unknown data spec '{spec}'; use fashion-mnist, idx:DIR, folder:DIR or synthetic:CxHxW")
+    if not sep or kind not in ("idx", "folder", "synthetic", "shards") or not path:
+        raise DataError(f"unknown data spec '{spec}'; use fashion-mnist, idx:DIR, folder:DIR, shards:DIR_OR_PATTERN "
+                        f"or synthetic:CxHxW")
     return kind, Path(path).expanduser()
 
 
@@ -286,6 +293,12 @@ def build_dataset(spec: str, split: str = "train", channels: int | None = None):
     """The dataset a spec names; for folders, DIR/train and DIR/val (or DIR/test) are the splits when present.
     `channels` (data.channels) converts a folder's images to that many channels."""
     kind, path = resolve_spec(spec)
+    if kind == "shards":
+        if split != "train":
+            raise DataError(f"shards hold a training set to stream; evaluate on a labelled folder or IDX set "
+                            f"(--data folder:DIR), not '{spec}'")
+        from mimkit.data.shards import ShardStream
+        return ShardStream(spec.partition(":")[2], channels)
     if kind == "synthetic":
         try:
             c, h, w = (int(v) for v in str(path).lower().split("x"))

@@ -23,6 +23,7 @@ import mimkit
 from mimkit.config import Config, GroupOptimConfig
 from mimkit.data import Augmented, EvalTransform, PretrainTransform, ResumableSampler, build_dataset, to_unit_float
 from mimkit.data.batched import BatchedCrops, pad_collate, resized_crops
+from mimkit.data.shards import ShardStream
 from mimkit.engine import dist as D
 from mimkit.engine.checkpoint import (CheckpointError, find_resume_checkpoint, frozen_sources, is_run_checkpoint,
                                       load_checkpoint, save_atomic, state_dict_of, verify_frozen_sources)
@@ -72,6 +73,8 @@ class Trainer:
         t = cfg.train
 
         self.dataset = build_dataset(cfg.data.spec, "train", channels=cfg.data.channels)
+        if isinstance(self.dataset, ShardStream):
+            self.dataset.shuffle_buffer = cfg.data.shuffle_buffer
         self.in_chans = self.dataset.channels
         mean = cfg.data.mean or self.dataset.mean
         std = cfg.data.std or self.dataset.std
@@ -114,7 +117,7 @@ class Trainer:
         self.frozen = frozen_sources(self.method)   # hashed once: a tokenizer file can be large
 
         self.global_batch = cfg.data.batch_size * t.accum_steps * self.dist.world_size
-        micro_per_epoch = len(self.dataset) // self.dist.world_size // cfg.data.batch_size
+        micro_per_epoch = self._micro_per_epoch()
         self.steps_per_epoch = micro_per_epoch // t.accum_steps
         if self.steps_per_epoch == 0:
             raise ValueError(f"the dataset has {len(self.dataset)} images, fewer than one global batch of "
@@ -191,14 +194,34 @@ class Trainer:
                                  warmup_t=warmup, warmup_lr_init=0.0, warmup_prefix=True, t_in_epochs=False)
 
     # ------------------------------------------------------------------ data
+    def _micro_per_epoch(self) -> int:
+        d = self.cfg.data
+        if isinstance(self.dataset, ShardStream):     # whole batches of every worker, the same on every rank
+            return self.dataset.batches_per_worker(self.dist.world_size, d.num_workers, d.batch_size) * \
+                max(d.num_workers, 1)
+        return len(self.dataset) // self.dist.world_size // d.batch_size
+
+    def _shard_batches(self, epoch: int, offset: int, transform):
+        """One epoch of a streamed pack from batch `offset` on (see data/shards.py for the order)."""
+        d = self.cfg.data
+        stream = self.dataset.epoch(epoch, self.cfg.train.seed, self.dist.rank, self.dist.world_size, d.num_workers,
+                                    d.batch_size, offset, transform)
+        return DataLoader(stream, batch_size=d.batch_size, num_workers=d.num_workers, drop_last=True,
+                          pin_memory=self.device.type == "cuda", persistent_workers=False,
+                          generator=torch.Generator())  # its seed draw must not touch the global RNG
+
     def _micro_batches(self, start_micro: int):
         cfg = self.cfg
-        per_epoch = len(self.dataset) // self.dist.world_size // cfg.data.batch_size
+        per_epoch = self._micro_per_epoch()
         epoch, offset = divmod(start_micro, per_epoch)
         d = cfg.data
         transform = PretrainTransform(cfg.model.img_size, d.crop_scale, d.crop_ratio, d.hflip, d.interpolation)
         # workers send box regions and _prepare crops the batch on the device; on a CPU the workers crop faster
         batched = d.augment_on == "device" or (d.augment_on == "auto" and self.device.type == "cuda")
+        if isinstance(self.dataset, ShardStream):     # streamed: the workers crop (each sample decoded once)
+            while True:
+                yield from self._shard_batches(epoch, offset, transform)
+                epoch, offset = epoch + 1, 0
         dataset = BatchedCrops(self.dataset, transform) if batched else Augmented(self.dataset, transform)
         while True:
             sampler = ResumableSampler(len(self.dataset), cfg.train.seed, epoch, self.dist.rank,
@@ -227,6 +250,8 @@ class Trainer:
     def _fixed_sample_batch(self) -> torch.Tensor:
         transform = EvalTransform(self.cfg.model.img_size)
         count = min(8, len(self.dataset))
+        if isinstance(self.dataset, ShardStream):
+            return self._normalise(torch.stack([transform(x) for x in self.dataset.head(count)]))
         step = max(1, len(self.dataset) // count)
         return self._normalise(torch.stack([transform(self.dataset[i * step][0]) for i in range(count)]))
 

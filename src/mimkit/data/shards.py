@@ -1,0 +1,199 @@
+"""WebDataset tar shards: `mimkit data pack` writes them from a folder, `--data shards:DIR_OR_PATTERN` streams them.
+
+Packing keeps every file's encoded bytes (`{key}.{ext}`) and its label (`{key}.cls`), in shards of at most
+`--shard-size` bytes (`webdataset.ShardWriter`), plus `index.json` beside them: samples per shard, channel count,
+mean / std, class names. Reading (`ShardStream`) needs that index (the pattern's folder, local or any URL
+`webdataset.gopen` opens).
+
+Order, and what resume relies on (fixed world size and data.num_workers):
+- shards are assigned once: rank r takes shards r, r + world, ...; worker w of a rank takes its shards w, w + W, ...;
+  so a sample belongs to exactly one (rank, worker) and no two ranks ever read the same shard;
+- each epoch, a worker visits its shards in a seeded order and shuffles samples through a seeded buffer
+  (`data.shuffle_buffer`); each sample's crop is seeded by (train.seed, epoch, its index in the pack);
+- every worker contributes the same number of batches per epoch (the smallest worker's, the same on every rank), so
+  the DataLoader's round robin over workers never skips one: batch k of an epoch comes from worker k mod W. A resumed
+  run starts each worker on the role of worker (w + k) mod W and skips the batches that role already gave; so it
+  continues from the shard and sample where it stopped, and reproduces the uninterrupted run exactly (on the CPU).
+  A different world size or worker count re-deals the shards: the run goes on, each sample still at most once per
+  epoch, but not in the uninterrupted run's order.
+- Samples beyond the smallest worker's whole batches are left out of that epoch (as drop_last); shards of equal size
+  (the packer's) keep that to less than a batch per worker.
+"""
+from __future__ import annotations
+
+import json
+import tarfile
+from pathlib import Path
+
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from mimkit.data.datasets import (ARRAY_EXTENSIONS, IMAGE_EXTENSIONS, DataError, ImageFolderDataset,
+                                  _match_channels, resolve_spec)
+
+INDEX = "index.json"
+
+
+def pack_shards(spec: str, out: str | Path, shard_bytes: int = 1 << 30, channels: int | None = None,
+                max_count: int = 10 ** 9) -> dict:
+    """Folder -> `out/shard-NNNNNN.tar` + `out/index.json`; returns the index."""
+    import webdataset as wds
+    kind, path = resolve_spec(spec)
+    if kind != "folder":
+        raise DataError(f"mimkit data pack reads image folders (--data folder:DIR), not '{spec}'")
+    root = path / "train" if (path / "train").is_dir() else path
+    dataset = ImageFolderDataset(root, channels)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if any(out.glob("shard-*.tar")):
+        raise FileExistsError(f"{out} already holds shards; pick an empty --out folder")
+    shard_of = []
+    with wds.ShardWriter(str(out / "shard-%06d.tar"), maxcount=max_count, maxsize=shard_bytes, verbose=0) as sink:
+        for i, (file, label) in enumerate(zip(dataset.files, dataset.labels)):
+            sample = {"__key__": f"{i:09d}", file.suffix.lower().lstrip("."): file.read_bytes()}
+            if label >= 0:
+                sample["cls"] = str(label).encode()
+            sink.write(sample)
+            shard_of.append(sink.shard - 1)          # ShardWriter counts the shard it has opened
+    counts = [shard_of.count(s) for s in range(max(shard_of) + 1)]
+    index = {"format": "mimkit-shards", "version": 1, "count": len(dataset), "channels": dataset.channels,
+             "mean": dataset.mean, "std": dataset.std, "classes": dataset.classes,
+             "labelled": bool(dataset.classes), "dtype": str(dataset.dtype).replace("torch.", ""),
+             "shards": [{"file": f"shard-{s:06d}.tar", "count": n} for s, n in enumerate(counts)]}
+    (out / INDEX).write_text(json.dumps(index, indent=1))
+    return index
+
+
+def read_samples(url: str):
+    """(key, {ext: bytes}) of every sample in one tar shard, in order (local path or URL)."""
+    from webdataset.gopen import gopen
+    with gopen(url) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
+        current, parts = None, {}
+        for member in tar:
+            if not member.isfile():
+                continue
+            key, _, ext = member.name.partition(".")
+            if key != current and parts:
+                yield current, parts
+                parts = {}
+            current, parts[ext] = key, tar.extractfile(member).read()
+        if parts:
+            yield current, parts
+
+
+class ShardStream(IterableDataset):
+    """A packed dataset, streamed: `len`, `channels`, `mean`, `std`, `labels` known from the index; iterate an epoch
+    with `epoch(...)`."""
+
+    def __init__(self, location: str, channels: int | None = None, shuffle_buffer: int = 1000):
+        from webdataset.gopen import gopen
+        base = location.rstrip("/") if not location.endswith(".tar") and "{" not in location else \
+            location.rsplit("/", 1)[0]
+        try:
+            with gopen(f"{base}/{INDEX}") as f:
+                self.index = json.loads(f.read())
+        except (OSError, ValueError) as err:
+            raise DataError(f"no readable {INDEX} in {base} ({err}); write shards with 'mimkit data pack --data "
+                            f"folder:DIR --out {base}'") from None
+        names = [s["file"] for s in self.index["shards"]]
+        if "{" in location or location.endswith(".tar"):
+            from braceexpand import braceexpand
+            wanted = {u.rsplit("/", 1)[-1] for u in braceexpand(location)}
+            names = [n for n in names if n in wanted]
+        self.urls = [f"{base}/{n}" for n in names]
+        self.counts = [s["count"] for s in self.index["shards"] if s["file"] in set(names)]
+        if not self.urls:
+            raise DataError(f"'{location}' names none of the shards listed in {base}/{INDEX}")
+        self.channels = channels or self.index["channels"]
+        self.mean, self.std = self.index["mean"], self.index["std"]
+        self.num_classes, self.skipped = len(self.index["classes"]), 0
+        self.shuffle_buffer = shuffle_buffer
+        self.plan = None
+
+    def __len__(self) -> int:
+        return sum(self.counts)
+
+    # ------------------------------------------------------------------ the deal
+    def roles(self, rank: int, world: int, workers: int) -> list[list[int]]:
+        """Shard indices each worker (role) of `rank` reads."""
+        mine = list(range(len(self.urls)))[rank::world]
+        return [mine[w::max(workers, 1)] for w in range(max(workers, 1))]
+
+    def batches_per_worker(self, world: int, workers: int, batch: int) -> int:
+        """Whole batches every worker of every rank gives per epoch (the smallest's)."""
+        per = [sum(self.counts[s] for s in role) // batch for r in range(world) for role in self.roles(r, world, workers)]
+        return min(per)
+
+    def epoch(self, epoch: int, seed: int, rank: int, world: int, workers: int, batch: int, skip_batches: int,
+              transform) -> "ShardStream":
+        """Configure the next iteration: this epoch, this rank, resuming `skip_batches` batches in."""
+        self.plan = dict(epoch=epoch, seed=seed, roles=self.roles(rank, world, workers), batch=batch,
+                         per_worker=self.batches_per_worker(world, workers, batch), skip=skip_batches,
+                         transform=transform)
+        return self
+
+    def __iter__(self):
+        p = self.plan
+        info = get_worker_info()
+        w, n = (info.id, info.num_workers) if info else (0, 1)
+        role = (w + p["skip"]) % n
+        done = (p["skip"] - role + n - 1) // n if p["skip"] > role else 0    # batches this role already gave
+        take = (p["per_worker"] - done) * p["batch"]
+        if take <= 0:
+            return
+        gen = torch.Generator().manual_seed((p["seed"] * 1_000_003 + p["epoch"]) * 7919 + 104_729 * role)
+        shards = [p["roles"][role][i] for i in torch.randperm(len(p["roles"][role]), generator=gen).tolist()]
+        stream = self._shuffled(self._samples(shards), gen)
+        skip = done * p["batch"]
+        base = (p["seed"] * 1_000_003 + p["epoch"]) * 10_000_019
+        for position, (key, parts) in enumerate(stream):
+            if position < skip:
+                continue
+            if position >= skip + take:
+                return
+            index = int(key)
+            image = self._decode(key, parts)
+            label = int(parts["cls"]) if "cls" in parts else -1
+            yield p["transform"](image, (base + index) % (2 ** 63)), label, 0
+
+    def _samples(self, shards):
+        for s in shards:
+            yield from read_samples(self.urls[s])
+
+    def _shuffled(self, samples, gen: torch.Generator):
+        """A seeded shuffle buffer: fill, then emit a random element for each new one."""
+        buffer = []
+        for sample in samples:
+            buffer.append(sample)
+            if len(buffer) >= self.shuffle_buffer:
+                yield buffer.pop(int(torch.randint(len(buffer), (1,), generator=gen)))
+        while buffer:
+            yield buffer.pop(int(torch.randint(len(buffer), (1,), generator=gen)))
+
+    def _decode(self, key: str, parts: dict) -> torch.Tensor:
+        ext = next((e for e in parts if f".{e}" in IMAGE_EXTENSIONS | ARRAY_EXTENSIONS), None)
+        if ext is None:
+            raise DataError(f"shard sample {key} holds no image ({', '.join(parts)}); re-pack the data")
+        tmp = Path(f"{key}.{ext}")
+        image = ImageFolderDataset.load_bytes(parts[ext], tmp)
+        if image.shape[0] != self.channels:
+            image = _match_channels(image, self.channels, tmp)
+        return image
+
+    def head(self, count: int) -> list[torch.Tensor]:
+        """The first `count` images of the first shard (for the fixed picture batch)."""
+        out = []
+        for key, parts in read_samples(self.urls[0]):
+            out.append(self._decode(key, parts))
+            if len(out) == count:
+                break
+        return out
+
+    def __getitem__(self, index):
+        raise TypeError("shards are streamed; iterate ShardStream.epoch(...) instead of indexing")
+
+
+def read_back(out: str | Path) -> list[tuple[str, dict]]:
+    """Every (key, parts) of a pack, shard by shard (round-trip checks)."""
+    index = json.loads((Path(out) / INDEX).read_text())
+    return [s for shard in index["shards"] for s in read_samples(str(Path(out) / shard["file"]))]
