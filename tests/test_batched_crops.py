@@ -20,6 +20,20 @@ def smooth_image(h=75, w=100, c=3, seed=0):
     return (F.interpolate(torch.rand(1, c, h // 5, w // 5), size=(h, w), mode="bilinear")[0] * 255).round().to(torch.uint8)
 
 
+def photo_folder(root, count, png_at=(), seed=0, grid=(6, 8), scale=10, gray=False):
+    """Two class sub-folders of smooth RGB (or gray) JPEGs; the indices in `png_at` saved as PNG."""
+    import numpy as np
+    from PIL import Image
+    rng = np.random.default_rng(seed)
+    for i in range(count):
+        (root / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
+        arr = np.kron(rng.random(grid + ((1,) if gray else (3,))), np.ones((scale, scale, 1)))
+        arr = (arr[..., 0] if gray else arr) * 255
+        Image.fromarray(arr.astype(np.uint8)).save(root / f"c{i % 2}" / (f"{i}.png" if i in png_at else f"{i}.jpg"),
+                                                  quality=90)
+    return root
+
+
 def per_image_float(image, transform, seed, mode):
     """The per-image path's crop, computed in float (no rounding to uint8)."""
     top, left, h, w, flip = transform.draw(image.shape[-2], image.shape[-1], seed)
@@ -95,15 +109,8 @@ def test_crop_settings_are_checked():
 
 
 def test_a_worker_batch_decodes_its_jpegs_together_like_pil_and_skips_bad_files(tmp_path):
-    import numpy as np
-    from PIL import Image
-
     from mimkit.data.datasets import ImageFolderDataset
-    rng = np.random.default_rng(0)
-    for i in range(6):
-        (tmp_path / f"c{i % 2}").mkdir(exist_ok=True)
-        arr = (np.kron(rng.random((6, 8, 3)), np.ones((10, 10, 1))) * 255).astype(np.uint8)
-        Image.fromarray(arr).save(tmp_path / f"c{i % 2}" / (f"{i}.png" if i == 3 else f"{i}.jpg"), quality=90)
+    photo_folder(tmp_path, 6, png_at=(3,))
     (tmp_path / "c1" / "9_broken.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")
     dataset = ImageFolderDataset(tmp_path)
     transform = PretrainTransform((32, 32), scale=(0.3, 1.0))
@@ -119,3 +126,37 @@ def test_a_worker_batch_decodes_its_jpegs_together_like_pil_and_skips_bad_files(
     assert together[broken][2] == 1 and sum(t[2] for t in together) == 1     # skipped, a neighbour given, counted
     decoded = dataset.decode_jpegs(list(range(len(dataset))))
     assert decoded[broken] is None and decoded[[f.suffix for f in dataset.files].index(".png")] is None
+
+
+def test_decoding_on_the_device_gives_the_workers_crops(tmp_path):
+    from mimkit.data.batched import EncodedCrops, decode_on_device, encoded_collate
+    from mimkit.data.datasets import ImageFolderDataset
+    photo_folder(tmp_path, 12, png_at=(5,), seed=1, grid=(7, 9), scale=8)
+    dataset = ImageFolderDataset(tmp_path)
+    transform = PretrainTransform((40, 40), scale=(0.3, 1.0), interpolation="bilinear")
+    items = [(i, 50 + i) for i in range(len(dataset))]
+    encoded = encoded_collate(EncodedCrops(dataset, transform).__getitems__(items))
+    assert sum(x.ndim == 1 for x in encoded[0]) == 11                        # the PNG came decoded
+    pixels, params, bad = decode_on_device(encoded[0], encoded[3], 3, "cpu")
+    reference = pad_collate(BatchedCrops(dataset, transform).__getitems__(items))
+    assert bad == 0 and torch.equal(params, reference[3])
+    got = resized_crops(pixels.float() / 255, params, (40, 40), "bilinear")
+    assert torch.equal(got, resized_crops(reference[0].float() / 255, reference[3], (40, 40), "bilinear"))
+    broken = list(encoded[0])
+    broken[2] = broken[2][:200]                                              # a header, then nothing
+    _, params2, bad = decode_on_device(broken, encoded[3], 3, "cpu")
+    assert bad == 1 and params2[2, 4] == 0
+
+
+def test_trainer_decodes_jpegs_on_the_device_when_asked(tmp_path):
+    photo_folder(tmp_path / "imgs", 64, seed=2, grid=(28, 28), scale=1, gray=True)
+    base = MAE_PICO + [f"data.spec=folder:{tmp_path / 'imgs'}", "data.batch_size=16", "data.num_workers=0",
+                       "optim.warmup_epochs=0", "train.log_every=1", "train.ckpt_every=1000", "train.sample_every=0",
+                       "train.steps=3", "data.augment_on=device"]
+    trainer = Trainer(load_config(None, base + ["data.decode_on=device"]), tmp_path / "dev", quiet=True)
+    assert isinstance(next(trainer._micro_batches(0))[0], list)
+    trainer.train()
+    Trainer(load_config(None, base + ["data.decode_on=worker"]), tmp_path / "wrk", quiet=True).train()
+    assert [r["loss"] for r in metrics_rows(tmp_path / "dev")] == [r["loss"] for r in metrics_rows(tmp_path / "wrk")]
+    with pytest.raises(ConfigError, match="data.decode_on='device' is out of range"):
+        load_config(None, MAE_PICO + ["data.decode_on=device", "data.augment_on=worker"])

@@ -43,6 +43,8 @@ class DataConfig:
     hflip: bool = True
     interpolation: str = "bicubic"          # crop resizing: bicubic (MAE) | bilinear
     shuffle_buffer: int = 1000              # shards: samples in each worker's seeded shuffle buffer
+    decode_on: str = "auto"                 # folders' JPEGs: worker (a batch per decode_jpeg call) | device (the
+                                            # training device, nvjpeg on CUDA) | auto: device with device crops on CUDA
     augment_on: str = "auto"                # device: crops for a whole batch in one call | worker: per image | auto:
                                             # device when training on CUDA (on a CPU the workers' kernels are faster)
     mean: list | None = None                # per channel; None = from the dataset
@@ -282,6 +284,9 @@ def validate_values(cfg: Config) -> None:
            "[low, high] with 0 < low <= high")
     _check(d.interpolation in ("bicubic", "bilinear"), "data.interpolation", d.interpolation, "bicubic or bilinear")
     _check(d.shuffle_buffer >= 1, "data.shuffle_buffer", d.shuffle_buffer, "at least 1")
+    _check(d.decode_on in ("auto", "worker", "device"), "data.decode_on", d.decode_on, "auto, worker or device")
+    _check(not (d.decode_on == "device" and d.augment_on == "worker"), "data.decode_on", d.decode_on,
+           "worker or auto when data.augment_on=worker (decoding on the device feeds the device crops)")
     _check(d.augment_on in ("auto", "device", "worker"), "data.augment_on", d.augment_on, "auto, device or worker")
     _check(o.base_lr > 0, "optim.base_lr", o.base_lr, "positive")
     _check(o.min_lr >= 0, "optim.min_lr", o.min_lr, "0 or more")

@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from mimkit.data.datasets import decode_jpeg_batch
 from mimkit.data.transforms import Augmented
 
 MAX_SUPERSAMPLE = 4
@@ -34,16 +35,84 @@ class BatchedCrops(Augmented):
         return image[:, top:top + h, left:left + w], label, skipped, torch.tensor([0, 0, h, w, int(flip)])
 
 
-def pad_collate(batch):
-    """Variable-size images -> one [B, C, Hmax, Wmax] tensor, each edge-replicated to the batch's largest size (so a
-    crop at an image's border reads the values torchvision's resize clamps to)."""
-    images, labels, skipped, params = zip(*batch)
+class EncodedCrops(BatchedCrops):
+    """As BatchedCrops, but a JPEG is sent still encoded (1-D uint8 bytes) with its box in the full image (the size
+    read from the header): the training process decodes the batch on its device (`decode_on_device`)."""
+
+    def __getitems__(self, items):
+        items = [item if isinstance(item, tuple) else (item, item) for item in items]
+        if not hasattr(self.dataset, "jpeg_bytes"):
+            return [self[item] for item in items]
+        out = []
+        for index, seed in items:
+            data = self.dataset.jpeg_bytes(index)
+            size = _jpeg_size(data) if data is not None else None
+            if size is None:               # not a JPEG, or no readable header: the worker decodes it
+                out.append(self[(index, seed)])
+                continue
+            top, left, h, w, flip = self.transform.draw(size[0], size[1], seed)
+            out.append((data, self.dataset.labels[index], 0, torch.tensor([top, left, h, w, int(flip)])))
+        return out
+
+
+def _jpeg_size(data: torch.Tensor) -> tuple[int, int] | None:
+    import io
+
+    from PIL import Image, UnidentifiedImageError
+    try:
+        with Image.open(io.BytesIO(data.numpy().tobytes())) as img:      # reads the header only
+            return img.size[1], img.size[0]
+    except (UnidentifiedImageError, OSError):
+        return None
+
+
+def pad_stack(images) -> torch.Tensor:
+    """Variable-size images -> one [B, C, Hmax, Wmax] tensor (on their device), each edge-replicated to the largest
+    size (so a crop at an image's border reads the values torchvision's resize clamps to)."""
     hmax, wmax = max(x.shape[-2] for x in images), max(x.shape[-1] for x in images)
-    out = torch.empty(len(images), images[0].shape[0], hmax, wmax, dtype=images[0].dtype)
+    out = torch.empty(len(images), images[0].shape[0], hmax, wmax, dtype=images[0].dtype, device=images[0].device)
     for slot, x in zip(out, images):       # index clamping: any dtype, no float copy
         h, w = x.shape[-2:]
-        slot.copy_(x[:, torch.arange(hmax).clamp(max=h - 1)][:, :, torch.arange(wmax).clamp(max=w - 1)])
-    return out, torch.tensor(labels), torch.tensor(skipped), torch.stack(params)
+        rows = torch.arange(hmax, device=x.device).clamp(max=h - 1)
+        cols = torch.arange(wmax, device=x.device).clamp(max=w - 1)
+        slot.copy_(x[:, rows][:, :, cols])
+    return out
+
+
+def pad_collate(batch):
+    images, labels, skipped, params = zip(*batch)
+    return pad_stack(images), torch.tensor(labels), torch.tensor(skipped), torch.stack(params)
+
+
+def encoded_collate(batch):
+    """Like pad_collate, but keeps a list: encoded JPEGs (1-D) and decoded box regions (3-D) as they came."""
+    images, labels, skipped, params = zip(*batch)
+    return list(images), torch.tensor(labels), torch.tensor(skipped), torch.stack(params)
+
+
+def decode_on_device(items: list, params: torch.Tensor, channels: int, device) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                        int]:
+    """An `encoded_collate` batch -> (padded box regions [B, C, H, W] uint8 on `device`, params relative to them,
+    undecodable count). The JPEGs are decoded in one torchvision.io.decode_jpeg call on `device` (nvjpeg on CUDA);
+    one that fails is replaced by the batch's first good image (and counted, as the workers count skipped files)."""
+    encoded = [k for k, x in enumerate(items) if x.ndim == 1]
+    decoded = decode_jpeg_batch([items[k] for k in encoded], channels, device)
+    regions, params, bad = list(items), params.clone(), 0
+    for k, image in zip(encoded, decoded):
+        if image is None:
+            bad += 1
+            continue
+        top, left, h, w = params[k, :4].tolist()      # params are on the CPU: no device sync
+        regions[k] = image[:, top:top + h, left:left + w]
+        params[k, :2] = 0
+    good = next((r for r in regions if r.ndim == 3), None)
+    if good is None:
+        raise RuntimeError("no image of this batch could be decoded")
+    for k, r in enumerate(regions):
+        if r.ndim != 3:
+            regions[k] = good
+            params[k] = torch.tensor([0, 0, good.shape[-2], good.shape[-1], 0])
+    return pad_stack([r.to(device) for r in regions]), params, bad
 
 
 def resized_crops(images: torch.Tensor, params: torch.Tensor, size, mode: str = "bilinear") -> torch.Tensor:

@@ -202,21 +202,8 @@ class ImageFolderDataset(Dataset):
         """The JPEGs among `indices` decoded together with torchvision.io.decode_jpeg (on `device`), conformed to the
         dataset's channels and dtype; None where a file is not a JPEG or does not decode (the caller then takes the
         per-file path, which skips it and counts it)."""
-        from torchvision.io import ImageReadMode, decode_jpeg
         encoded = [self.jpeg_bytes(i) for i in indices]
-        present = [e for e in encoded if e is not None]
-        mode = {1: ImageReadMode.GRAY, 3: ImageReadMode.RGB}.get(self.channels, ImageReadMode.UNCHANGED)
-        with warnings.catch_warnings():   # torchvision 0.29 deprecates its decoders for TorchCodec's; they still work
-            warnings.simplefilter("ignore", DeprecationWarning)
-            try:
-                decoded = decode_jpeg(present, mode=mode, device=device) if present else []
-            except RuntimeError:          # one bad file fails the batch: decode one by one
-                decoded = []
-                for e in present:
-                    try:
-                        decoded.append(decode_jpeg(e, mode=mode, device=device))
-                    except RuntimeError:
-                        decoded.append(None)
+        decoded = decode_jpeg_batch([e for e in encoded if e is not None], self.channels, device)
         out, it = [], iter(decoded)
         for i, e in zip(indices, encoded):
             image = next(it) if e is not None else None
@@ -235,6 +222,26 @@ class ImageFolderDataset(Dataset):
                 continue
             return self._conform(image, self.files[i]), self.labels[i], int(offset > 0)
         raise DataError(f"no image in {self.root} could be decoded")
+
+
+def decode_jpeg_batch(encoded: list[torch.Tensor], channels: int, device: str | torch.device = "cpu"
+                      ) -> list[torch.Tensor | None]:
+    """Encoded JPEGs (1-D uint8) -> [C, H, W] uint8 on `device`, in one torchvision.io.decode_jpeg call (nvjpeg on
+    CUDA); if the batch fails, one by one, None for each file that does not decode."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+    mode = {1: ImageReadMode.GRAY, 3: ImageReadMode.RGB}.get(channels, ImageReadMode.UNCHANGED)
+    with warnings.catch_warnings():   # torchvision 0.29 deprecates its decoders for TorchCodec's; they still work
+        warnings.simplefilter("ignore", DeprecationWarning)
+        try:
+            return list(decode_jpeg(encoded, mode=mode, device=device)) if encoded else []
+        except RuntimeError:          # one bad file fails the batch
+            out = []
+            for e in encoded:
+                try:
+                    out.append(decode_jpeg(e, mode=mode, device=device))
+                except RuntimeError:
+                    out.append(None)
+            return out
 
 
 def _note(message: str) -> None:

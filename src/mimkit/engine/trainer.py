@@ -22,7 +22,8 @@ from tqdm import tqdm
 import mimkit
 from mimkit.config import Config, GroupOptimConfig
 from mimkit.data import Augmented, EvalTransform, PretrainTransform, ResumableSampler, build_dataset, to_unit_float
-from mimkit.data.batched import BatchedCrops, pad_collate, resized_crops
+from mimkit.data.batched import (BatchedCrops, EncodedCrops, decode_on_device, encoded_collate, pad_collate,
+                                 resized_crops)
 from mimkit.data.shards import ShardStream
 from mimkit.engine import dist as D
 from mimkit.engine.checkpoint import (CheckpointError, find_resume_checkpoint, frozen_sources, is_run_checkpoint,
@@ -216,18 +217,23 @@ class Trainer:
         epoch, offset = divmod(start_micro, per_epoch)
         d = cfg.data
         transform = PretrainTransform(cfg.model.img_size, d.crop_scale, d.crop_ratio, d.hflip, d.interpolation)
-        # workers send box regions and _prepare crops the batch on the device; on a CPU the workers crop faster
-        batched = d.augment_on == "device" or (d.augment_on == "auto" and self.device.type == "cuda")
+        # workers send box regions (or, decoding on the device, encoded JPEGs) and _prepare crops the batch on the
+        # device; on a CPU the workers crop faster
+        cuda = self.device.type == "cuda"
+        batched = d.augment_on == "device" or d.decode_on == "device" or (d.augment_on == "auto" and cuda)
+        encoded = batched and (d.decode_on == "device" or (d.decode_on == "auto" and cuda)) and \
+            hasattr(self.dataset, "jpeg_bytes") and self.in_chans in (1, 3) and self.dataset.dtype == torch.uint8
         if isinstance(self.dataset, ShardStream):     # streamed: the workers crop (each sample decoded once)
             while True:
                 yield from self._shard_batches(epoch, offset, transform)
                 epoch, offset = epoch + 1, 0
-        dataset = BatchedCrops(self.dataset, transform) if batched else Augmented(self.dataset, transform)
+        kind = EncodedCrops if encoded else BatchedCrops if batched else Augmented
+        dataset = kind(self.dataset, transform)
         while True:
             sampler = ResumableSampler(len(self.dataset), cfg.train.seed, epoch, self.dist.rank,
                                        self.dist.world_size, skip=offset * cfg.data.batch_size)
             loader = DataLoader(dataset, batch_size=cfg.data.batch_size, sampler=sampler,
-                                collate_fn=pad_collate if batched else None,
+                                collate_fn=encoded_collate if encoded else pad_collate if batched else None,
                                 num_workers=cfg.data.num_workers, drop_last=True,
                                 pin_memory=self.device.type == "cuda", persistent_workers=False,
                                 generator=torch.Generator())  # its seed draw must not touch the global RNG
@@ -243,8 +249,12 @@ class Trainer:
         """A loader batch -> normalised images on the device; a batched-crop batch is cropped there first."""
         if len(micro) == 3:
             return self._normalise(micro[0])
-        x = to_unit_float(micro[0].to(self.device, non_blocking=True))
-        x = resized_crops(x, micro[3], self.cfg.model.img_size, self.cfg.data.interpolation)
+        pixels, params = micro[0], micro[3]
+        if isinstance(pixels, list):           # encoded JPEGs: decoded here, on the device
+            pixels, params, undecodable = decode_on_device(pixels, params, self.in_chans, self.device)
+            self.skipped_images += undecodable
+        x = to_unit_float(pixels.to(self.device, non_blocking=True))
+        x = resized_crops(x, params, self.cfg.model.img_size, self.cfg.data.interpolation)
         return (x - self.mean) / self.std
 
     def _fixed_sample_batch(self) -> torch.Tensor:
