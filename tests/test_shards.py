@@ -8,6 +8,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 from torch.utils.data import DataLoader
 
 from mimkit.cli import main
@@ -100,3 +101,35 @@ def test_sigkill_then_resume_on_shards_reproduces_the_uninterrupted_losses(fmnis
     assert sorted(got) == sorted(expected) == list(range(1, 15))       # 8 batches an epoch: the run crosses one
     for step, loss in expected.items():
         assert abs(got[step] - loss) < 1e-5, (step, got[step], loss)
+
+
+def seed_of(image, seed):
+    """A transform that returns the sample's crop seed, which encodes its index in the pack."""
+    return seed
+
+
+def _rank_reads(rank: int, spec: str, port: int, out: str) -> None:
+    """One of two gloo ranks: the trainer's own epoch stream, with a transform that returns each sample's seed."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    from mimkit.config import load_config
+    from mimkit.engine import dist as D
+    from mimkit.engine.trainer import Trainer
+    cfg = load_config("configs/mae_vit-mini_fmnist-tiny.yaml", [
+        f"data.spec={spec}", "model.size=pico", "method.decoder_dim=32", "method.decoder_depth=1",
+        "data.batch_size=4", "data.num_workers=2", "train.sample_every=0"])
+    trainer = Trainer(cfg, f"{out}/run", quiet=True, device="cpu")
+    base = (cfg.train.seed * 1_000_003 + 0) * 10_000_019
+    seen = [int(s) - base for batch in trainer._shard_batches(0, 0, seed_of) for s in batch[0]]
+    torch.save({"seen": seen, "per_epoch": trainer.steps_per_epoch}, f"{out}/rank{rank}.pt")
+    D.shutdown()
+
+
+def test_a_two_process_run_on_shards_reads_each_sample_once_per_epoch(tmp_path):
+    import torch.multiprocessing as mp
+    folder = image_folder(tmp_path / "imgs", 64, jpeg_every=1000)
+    pack_shards(f"folder:{folder}", tmp_path / "shards", max_count=8)
+    mp.spawn(_rank_reads, args=(f"shards:{tmp_path / 'shards'}", 29533, str(tmp_path)), nprocs=2)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    assert all(r["per_epoch"] == 8 for r in ranks)                 # 32 samples a rank / batch 4
+    assert sorted(ranks[0]["seen"] + ranks[1]["seen"]) == list(range(64))
