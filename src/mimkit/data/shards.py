@@ -29,7 +29,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from mimkit.data.datasets import (ARRAY_EXTENSIONS, IMAGE_EXTENSIONS, DataError, ImageFolderDataset,
-                                  _match_channels, resolve_spec)
+                                  _match_channels, decode_jpeg_batch, resolve_spec)
 
 INDEX = "index.json"
 
@@ -146,15 +146,32 @@ class ShardStream(IterableDataset):
         stream = self._shuffled(self._samples(shards), gen)
         skip = done * p["batch"]
         base = (p["seed"] * 1_000_003 + p["epoch"]) * 10_000_019
-        for position, (key, parts) in enumerate(stream):
+        chunk = []
+        for position, sample in enumerate(stream):
             if position < skip:
                 continue
-            if position >= skip + take:
+            if position < skip + take:
+                chunk.append(sample)
+            if len(chunk) == p["batch"] or (position >= skip + take - 1 and chunk):
+                for (key, parts), image in zip(chunk, self._decode_batch(chunk)):
+                    label = int(parts["cls"]) if "cls" in parts else -1
+                    yield p["transform"](image, (base + int(key)) % (2 ** 63)), label, 0
+                chunk = []
+            if position >= skip + take - 1:
                 return
-            index = int(key)
-            image = self._decode(key, parts)
-            label = int(parts["cls"]) if "cls" in parts else -1
-            yield p["transform"](image, (base + index) % (2 ** 63)), label, 0
+        for (key, parts), image in zip(chunk, self._decode_batch(chunk)):   # a stream shorter than planned
+            yield p["transform"](image, (base + int(key)) % (2 ** 63)), int(parts.get("cls", -1)), 0
+
+    def _decode_batch(self, chunk) -> list[torch.Tensor]:
+        """A batch's images: its JPEGs in one torchvision.io.decode_jpeg call (1- or 3-channel 8-bit packs), PIL for
+        the rest and for a JPEG that fails there (which then raises its own error)."""
+        fast = {}
+        if self.channels in (1, 3) and self.index.get("dtype", "uint8") == "uint8":
+            jpegs = [k for k, (_, parts) in enumerate(chunk) if "jpg" in parts or "jpeg" in parts]
+            data = [torch.frombuffer(bytearray(chunk[k][1].get("jpg") or chunk[k][1]["jpeg"]), dtype=torch.uint8)
+                    for k in jpegs]
+            fast = {k: x for k, x in zip(jpegs, decode_jpeg_batch(data, self.channels)) if x is not None}
+        return [fast[k] if k in fast else self._decode(key, parts) for k, (key, parts) in enumerate(chunk)]
 
     def _samples(self, shards):
         for s in shards:
