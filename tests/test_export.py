@@ -36,6 +36,30 @@ def test_export_loads_strictly_in_timm_and_matches_run_features(mae_run, tmp_pat
     assert meta["pool"] == "cls" and meta["method"] == "mae" and len(meta["mean"]) == 1
 
 
+@pytest.mark.parametrize("pool", ["cls", "mean"])
+def test_an_exports_model_x_is_what_the_probes_embedded(fmnist_small, tmp_path, pool):
+    """timm.create_model(**json)(x) returns the pooled features `mimkit eval knn/linear` probe (Issue 15, item 4), and
+    the files have the usual permissions."""
+    import os
+    import stat
+
+    from mimkit.eval.features import embed
+    run = tmp_path / "run"
+    Trainer(tiny_config(fmnist_small, "mae", ["train.steps=1", f"model.pool={pool}"]), run).train()
+    weights, meta_path = export_encoder(run / "last.pt", tmp_path / "enc")
+    meta = json.loads(meta_path.read_text())
+    model = timm.create_model(meta["model_name"], pretrained=False, **meta["kwargs"])
+    model.load_state_dict(load_file(str(weights)), strict=True)
+    x = torch.randn(3, 1, 28, 28)
+    with torch.no_grad():
+        probed = embed(mimkit.load_encoder(run / "last.pt"), x, pool)
+        assert torch.allclose(model.eval()(x), probed, atol=1e-5)
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in (weights, meta_path, run / "last.pt"):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask, path
+
+
 def official_mae_state_dict(with_decoder: bool, in_chans: int = 1) -> dict:
     """A state dict with the official MAE release's key names (encoder = timm ViT keys, decoder keys)."""
     torch.manual_seed(7)

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import timm
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from mimkit.config import config_from_dict
-from mimkit.engine.checkpoint import CheckpointError, is_run_checkpoint, load_checkpoint
+from mimkit.engine.checkpoint import CheckpointError, is_run_checkpoint, load_checkpoint, save_safetensors
 from mimkit.methods import build_method
 
 
@@ -29,6 +29,16 @@ def method_from_checkpoint(obj: dict, random_init_seed: int | None = None):
     return method, cfg
 
 
+def probed_kwargs(encoder, pool: str) -> dict:
+    """timm.create_model kwargs under which `model(x)` returns the features the probes used: a ViT pools its patch
+    tokens after the final norm for model.pool=mean (global_pool='avg' with fc_norm off, the same weights) or takes
+    the CLS token ('token'); Swin and ResNet average their last map either way."""
+    kwargs = dict(encoder.timm_kwargs, num_classes=0)
+    if "global_pool" in kwargs:     # ViT
+        kwargs.update(global_pool="avg" if pool == "mean" else "token", fc_norm=False)
+    return kwargs
+
+
 def export_encoder(ckpt_path: str | Path, out: str | Path) -> tuple[Path, Path]:
     """Writes OUT.safetensors (the encoder's timm state dict) and OUT.json (`model_name`, `kwargs` for
     `timm.create_model`, plus pooling and normalisation to use it as it was pre-trained)."""
@@ -38,9 +48,9 @@ def export_encoder(ckpt_path: str | Path, out: str | Path) -> tuple[Path, Path]:
     out = Path(out)
     out = out.with_suffix("") if out.suffix in (".safetensors", ".json") else out
     out.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().contiguous() for k, v in encoder.model.state_dict().items()}
-    save_file(tensors, str(out) + ".safetensors")
-    meta = {"model_name": encoder.timm_name, "kwargs": encoder.timm_kwargs, "img_size": cfg.model.img_size,
+    save_safetensors(encoder.model.state_dict(), str(out) + ".safetensors")
+    meta = {"model_name": encoder.timm_name, "kwargs": probed_kwargs(encoder, cfg.model.pool),
+            "img_size": cfg.model.img_size,
             "pool": cfg.model.pool,
             "mean": obj["data_stats"]["mean"], "std": obj["data_stats"]["std"],
             "method": cfg.method.get("name"), "step": obj["step"], "timm_version": timm.__version__}

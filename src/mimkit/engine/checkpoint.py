@@ -13,15 +13,23 @@ class CheckpointError(ValueError):
     """A checkpoint that can't be read, with a sentence naming the fix."""
 
 
-def save_atomic(obj, path: str | Path) -> None:
-    """torch.save to a temporary file in the same folder, fsync, then rename over `path`: a crash mid-write
-    leaves the previous checkpoint intact, and a failed write (full or read-only disk) leaves no partial file."""
+def save_safetensors(tensors: dict, path: str | Path, metadata: dict | None = None) -> None:
+    """A safetensors file written as checkpoints are (atomically), with the usual permissions (0644 under umask
+    022; safetensors' own `save_file` makes 0600 files)."""
+    from safetensors.torch import save
+    save_atomic(save({k: v.detach().contiguous() for k, v in tensors.items()}, metadata=metadata), path, raw=True)
+
+
+def save_atomic(obj, path: str | Path, raw: bool = False) -> None:
+    """torch.save (or, `raw`, the bytes `obj`) to a temporary file in the same folder, fsync, then rename over
+    `path`: a crash mid-write leaves the previous file intact, and a failed write (full or read-only disk) leaves
+    no partial file."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as f:
-            torch.save(obj, f)
+            f.write(obj) if raw else torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -18,12 +18,10 @@ __all__ = ["Tokenizer", "DiscreteVAE", "VQTokenizer", "load_tokenizer", "save_to
 
 def save_tokenizer(tokenizer: Tokenizer, path: str | Path) -> Path:
     """Writes the tokenizer's weights and architecture to one `.safetensors` file."""
-    from safetensors.torch import save_file
+    from mimkit.engine.checkpoint import save_safetensors
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().contiguous() for k, v in tokenizer.state_dict().items()}
-    save_file(tensors, str(path), metadata={"format": FILE_FORMAT, "kind": tokenizer.kind,
-                                            "arch": json.dumps(tokenizer.arch)})
+    save_safetensors(tokenizer.state_dict(), path, metadata={"format": FILE_FORMAT, "kind": tokenizer.kind,
+                                                             "arch": json.dumps(tokenizer.arch)})
     return path
 
 
