@@ -154,11 +154,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("overrides", nargs="*", help="key=value config overrides")
 
-    p = sub.add_parser("demo", help="pre-train tiny Vision ELECTRA and MAE on Fashion-MNIST, probe them, write RUN/report.md")
+    p = sub.add_parser("demo", help="tiny Vision ELECTRA, then MAE at equal steps and equal FLOPs, on Fashion-MNIST; "
+                                    "probes; RUN/report.md after every stage")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--config", default=None, help="recipe (default: Vision ELECTRA, compared with MAE)")
     p.add_argument("--steps", type=int, default=None, help="pre-training steps (default: the recipe's)")
-    p.add_argument("--train-limit", type=int, default=10000, help="train images used by the probes")
+    p.add_argument("--train-limit", type=int, default=5000, help="train images used by the probes")
     p.add_argument("--device", default=None)
     return parser
 

@@ -69,6 +69,22 @@ def total_flop_counter() -> FlopCounterMode:
     return counter
 
 
+def flops_per_image(cfg: Config, in_chans: int, batch: int = 2) -> float:
+    """Training FLOPs per image of one step of the recipe's method (every stage the schedule runs late in a run:
+    forward and backward), counted on the CPU with random images; no data, optimiser or trainer needed."""
+    from mimkit.methods import build_method
+    method = build_method(cfg, in_chans)
+    method.set_pixel_stats(torch.zeros(1, in_chans, 1, 1), torch.ones(1, in_chans, 1, 1))
+    images = torch.randn(batch, in_chans, *cfg.model.img_size)
+    step, total = 10 ** 6, 10 ** 7
+    carry = {"step": step, "epoch": 1, "total_steps": total, "last_micro": True}
+    counter = total_flop_counter()
+    with counter:
+        for stage in method.schedule(step, 1, total):
+            method(images, stage.name, carry)["loss"].backward()
+    return counter.get_total_flops() / batch
+
+
 def step_flops(trainer, images: torch.Tensor, step: int) -> int:
     counter = total_flop_counter()
     with counter:

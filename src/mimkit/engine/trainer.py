@@ -306,10 +306,11 @@ class Trainer:
                 running, counts, images_seen, tick = {}, {}, 0, time.perf_counter()
                 if log is not None:
                     log.write(last_row)
-                    bar.set_postfix(loss=f"{last_row['loss']:.4f}", img_s=f"{last_row['img_per_s']:.0f}")
+                    eta = _minutes((self.total_steps - step_done) * last_row["step_s"])   # at the last interval's pace
+                    bar.set_postfix(loss=f"{last_row['loss']:.4f}", img_s=f"{last_row['img_per_s']:.0f}", eta=eta)
                     if not interactive and not self.quiet:
                         print(f"step {step_done}/{self.total_steps} loss {last_row['loss']:.4f} "
-                              f"lr {last_row['lr']:.2e} img/s {last_row['img_per_s']:.0f}", flush=True)
+                              f"lr {last_row['lr']:.2e} img/s {last_row['img_per_s']:.0f} eta {eta}", flush=True)
                 if last_row["max_nonfinite_streak"] >= t.nan_patience:
                     self._save(step_done)
                     raise TrainingDiverged(
@@ -469,3 +470,7 @@ class Trainer:
     def _print(self, message: str) -> None:
         if not self.quiet:
             print(message, flush=True)
+
+
+def _minutes(seconds: float) -> str:
+    return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
