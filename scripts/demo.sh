@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Quick start 1: set up, pre-train a tiny MAE on Fashion-MNIST (CPU: ~6 min), probe it, write runs/demo/report.md.
+# Quick start 1: set up; tiny Vision ELECTRA, then MAE at equal steps and equal FLOPs, on Fashion-MNIST (2 idle CPU
+# cores: ~7 min); probes; runs/demo/report.md, rewritten after every stage (re-run to continue an interrupted demo).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh

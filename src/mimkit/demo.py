@@ -27,11 +27,10 @@ NAMES = {"vision_electra": "Vision ELECTRA", "mae": "MAE", "simmim": "SimMIM"}
 RAW_PIXELS_NOTE = (
     "Raw pixels are a strong baseline here, and the demo does not claim to beat them: Fashion-MNIST images are 28 x 28, "
     "grey, centred and aligned, so the 784 pixel values already place most garments of one class near each other "
-    "(k-NN on pixels: ~82-85 %). A ViT pre-trained for a few hundred steps has seen a fraction of one epoch; what the "
+    "(k-NN on pixels: ~81-85 %). A ViT pre-trained for a few hundred steps has seen a fraction of one epoch; what the "
     "demo shows is that pre-training moves the same architecture well above its random initialisation within minutes. "
-    "Passing raw pixels takes pre-training for many epochs (see the README's reference table and "
-    "`benchmarks/fmnist_table.py`); on natural images at 224 px, where pixels are not aligned, the pixel baseline is "
-    "far weaker.")
+    "Passing raw pixels takes pre-training for many epochs; on natural images at 224 px, where pixels are not "
+    "aligned, the pixel baseline is far weaker.")
 
 
 class Stage:
