@@ -171,6 +171,13 @@ def test_eval_commands_and_report(mae_run, fmnist_small, tmp_path, capsys):
     assert rows[1]["robustness"]["ce"]["mCE"] != 1.0 or rows[0]["knn"] != rows[1]["knn"]
 
 
+def test_report_defaults_to_the_runs_folder_and_states_the_counts_it_used(mae_run, fmnist_small):
+    assert main(["eval", "report", str(mae_run), "--protocols", "knn", "--data", f"idx:{fmnist_small}",
+                 "--train-limit", "100000", "--test-limit", "50"]) == 0
+    report = (mae_run / "report" / "report.md").read_text()
+    assert "probes trained on 2048 train images, measured on 50 test images" in report   # 2,048 exist, not 100,000
+
+
 def test_fid_and_inception_score_from_a_local_inception_weights_file(tmp_path, fmnist_small, monkeypatch):
     """No weights can be downloaded here: make an Inception-v3 file in torch-fidelity's format (random weights)
     and check that FID and IS are computed from it (FID of an identity reconstruction ~ 0)."""

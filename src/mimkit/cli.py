@@ -83,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     rob.add_argument("--device", default=None)
     rep = evsub.add_parser("report", help="several runs x several protocols -> OUT/report.md + PNGs")
     rep.add_argument("runs", nargs="+", help="RUN dirs or checkpoints; 'random:RUN' = that architecture untrained")
-    rep.add_argument("--out", required=True)
+    rep.add_argument("--out", help="report folder (default: FIRST_RUN/report)")
     rep.add_argument("--data", default="fashion-mnist")
     rep.add_argument("--protocols", default="knn,linear,attentive,recon,robustness")
     rep.add_argument("--train-limit", type=int, default=5000)
@@ -402,7 +402,10 @@ def _run(args) -> int:
     elif args.command == "eval" and args.protocol == "report":
         from mimkit.eval.report import run_report
         device = default_device(args.device)
-        run_report(args.runs, args.out, args.data, tuple(args.protocols.split(",")), args.train_limit,
+        from pathlib import Path
+        first = Path(args.runs[0].removeprefix("random:"))
+        out = args.out or (first if first.is_dir() else first.parent) / "report"
+        run_report(args.runs, out, args.data, tuple(args.protocols.split(",")), args.train_limit,
                    args.test_limit, tuple(int(s) for s in args.severities.split(",")), device=device,
                    inception_weights=args.inception_weights, fid_encoder=args.fid_encoder)
     elif args.command == "eval":

@@ -116,7 +116,7 @@ def run_report(specs: list[str], out: str | Path, data: str = "fashion-mnist", p
         row["wall_s"] = round(time.time() - start, 1)
         rows.append(row)
     (out / "report.json").write_text(json.dumps(rows, indent=2, default=float))
-    (out / "report.md").write_text(render(rows, protocols, data, train_limit, test_limit, severities))
+    (out / "report.md").write_text(render(rows, protocols, data, len(train_part), len(test_part), severities))
     log(f"[report] wrote {out / 'report.md'}")
     return rows
 
