@@ -51,7 +51,10 @@ def extract_features(model: torch.nn.Module | None, dataset, img_size, mean, std
         model.eval().to(device)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
     feats, labels = [], []
+    from tqdm import tqdm
+    bar = tqdm(total=len(dataset), unit="img", desc="embedding", disable=None, leave=False)   # a terminal only
     for images, y, _ in loader:
+        bar.update(len(y))
         x = images.to(device)
         x = to_unit_float(x)
         x = (x - mean_t) / std_t
@@ -59,4 +62,5 @@ def extract_features(model: torch.nn.Module | None, dataset, img_size, mean, std
             f = x.flatten(1) if model is None else embed(model, x, pool)
         feats.append(f.float().cpu())
         labels.append(torch.as_tensor(y))
+    bar.close()
     return torch.cat(feats), torch.cat(labels)
