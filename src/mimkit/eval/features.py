@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 from torch.utils.data import DataLoader, Subset
+from tqdm import tqdm
 
 from mimkit.backbones import pool_tokens
 from mimkit.data import Augmented, EvalTransform, to_unit_float
@@ -51,7 +52,6 @@ def extract_features(model: torch.nn.Module | None, dataset, img_size, mean, std
         model.eval().to(device)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
     feats, labels = [], []
-    from tqdm import tqdm
     bar = tqdm(total=len(dataset), unit="img", desc="embedding", disable=None, leave=False)   # a terminal only
     for images, y, _ in loader:
         bar.update(len(y))
