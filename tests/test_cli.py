@@ -74,3 +74,29 @@ def test_pretrain_export_and_probe_commands(capsys, tmp_path, fmnist_small):
     assert main(["eval", "linear", "--data", f"idx:{fmnist_small}", "--ckpt", str(run / "last.pt"),
                  "--epochs", "2"]) == 0
     assert "top1" in json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def test_probing_other_data_says_which_normalisation_it_uses(capsys, tmp_path, fmnist_small):
+    from mimkit.data.datasets import read_idx
+    from tests.conftest import write_idx
+    run = tmp_path / "r"
+    assert main(["pretrain", "--config", RECIPE, "--out", str(run), "--data", f"idx:{fmnist_small}",
+                 "--steps", "1", *TINY]) == 0
+    inverted = tmp_path / "inverted"                                    # the same garments, negated: other stats
+    inverted.mkdir()
+    for prefix in ("train", "t10k"):
+        write_idx(inverted / f"{prefix}-images-idx3-ubyte.gz", 255 - read_idx(fmnist_small / f"{prefix}-images-idx3-ubyte.gz"))
+        write_idx(inverted / f"{prefix}-labels-idx1-ubyte.gz", read_idx(fmnist_small / f"{prefix}-labels-idx1-ubyte.gz"))
+    capsys.readouterr()
+    base = ["eval", "knn", "--ckpt", str(run / "last.pt"), "--data", f"idx:{inverted}", "--train-limit", "300",
+            "--test-limit", "100"]
+    assert main(base) == 0
+    captured = capsys.readouterr()
+    result = json.loads(captured.out.strip().splitlines()[-1])
+    assert result["normalisation"]["from"] == "checkpoint" and result["normalisation"]["mean"][0] < 0.5
+    assert "with the checkpoint's normalisation" in captured.err and "--normalise data" in captured.err
+    assert main(base + ["--normalise", "data"]) == 0
+    captured = capsys.readouterr()
+    result = json.loads(captured.out.strip().splitlines()[-1])
+    assert result["normalisation"]["from"] == "data" and result["normalisation"]["mean"][0] > 0.5
+    assert "normalisation" not in captured.err

@@ -17,6 +17,8 @@ def _add_probe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--raw-pixels", action="store_true", help="baseline: normalised pixels as features")
     p.add_argument("--data", default="fashion-mnist", help="labelled dataset with a train and a test split")
     p.add_argument("--pool", choices=["cls", "mean"], help="override the run's pooling")
+    p.add_argument("--normalise", choices=["checkpoint", "data"], default="checkpoint",
+                   help="mean/std for the images: the run's pre-training data's (default) or --data's own")
     p.add_argument("--train-limit", type=int, default=None, help="use a seeded subset of the train split")
     p.add_argument("--test-limit", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=256)
@@ -240,8 +242,13 @@ def run_probe(args, protocol: str) -> dict:
     test_set = build_dataset(args.data, "test")
     subject = probe_subject(args.ckpt, args.config, args.init, args.random_init, args.raw_pixels, args.overrides,
                             in_chans=train_set.channels, seed=args.seed)
-    mean = subject.mean or train_set.mean
-    std = subject.std or train_set.std
+    use_data = args.normalise == "data" or subject.mean is None
+    mean, std = (train_set.mean, train_set.std) if use_data else (subject.mean, subject.std)
+    normalisation = {"from": "data" if use_data else "checkpoint", "mean": [round(v, 4) for v in mean],
+                     "std": [round(v, 4) for v in std]}
+    if not use_data and any(abs(a - b) > 0.02 for a, b in zip(mean + std, train_set.mean + train_set.std)):
+        print(f"mimkit: probing {args.data} with the checkpoint's normalisation (mean {normalisation['mean']}, std "
+              f"{normalisation['std']}), not this data's; --normalise data uses the data's own", file=sys.stderr)
     size = subject.img_size or list(train_set[0][0].shape[-2:])
     pool = args.pool or subject.pool
     device = default_device(args.device)
@@ -269,6 +276,7 @@ def run_probe(args, protocol: str) -> dict:
                                  batch_size=args.probe_batch, seed=args.seed)
         extra = {"epochs": args.epochs, "optimizer": args.optimizer}
     return {"protocol": protocol, "top1": round(top1, 2), "encoder": subject.description, "pool": pool,
+            "normalisation": normalisation,
             "feature_dim": tr_f.shape[-1], "n_train": len(tr_y), "n_test": len(te_y), **extra,
             "wall_s": round(time.time() - start, 1)}
 
