@@ -13,7 +13,7 @@ import argparse
 
 import torch
 from mimkit.config import load_config
-from mimkit.engine.cost import total_flop_counter
+from mimkit.engine.cost import flops_per_image
 from mimkit.methods import build_method
 
 VARIANTS = {
@@ -24,22 +24,12 @@ VARIANTS = {
 }
 
 
-def step_flops(method, images: torch.Tensor, step: int) -> int:
-    counter = total_flop_counter()
-    carry = {"step": step, "epoch": 1}          # the critic stage reads the generator stage's reconstruction
-    with counter:
-        for stage in method.stages:
-            method(images, stage.name, carry)["loss"].backward()
-    return counter.get_total_flops()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--size", default="base")
     parser.add_argument("--img", type=int, default=224)
     parser.add_argument("--batch", type=int, default=2)
     args = parser.parse_args()
-    images = torch.randn(args.batch, 3, args.img, args.img)
     print(f"ViT-{args.size} at {args.img} px, batch {args.batch}, FLOPs per image of one training step (perceptual epoch)")
     print(f"{'variant':28s} {'generator':>10s} {'critic':>8s} {'GFLOPs/img':>11s} {'x MSE':>6s}")
     base = None
@@ -49,13 +39,11 @@ def main() -> None:
                           extra + [f"model.size={args.size}", f"model.img_size=[{args.img},{args.img}]"])
         torch.manual_seed(0)
         method = build_method(cfg, 3)
-        method.set_pixel_stats(torch.full((1, 3, 1, 1), 0.45), torch.full((1, 3, 1, 1), 0.25))
-        if loss == "stylegan2-ada-p":
-            both, pl_only, plain = (step_flops(method, images, s) for s in (0, 4, 1))
-            flops = (both + 3 * pl_only + 12 * plain) / 16
+        count = lambda step: flops_per_image(cfg, 3, args.batch, step, method)   # noqa: E731
+        if loss == "stylegan2-ada-p":      # R1 + path length on step 0, path length alone on 4, 8, 12
+            flops = (count(0) + 3 * count(4) + 12 * count(1)) / 16
         else:
-            flops = step_flops(method, images, 1)
-        flops /= args.batch
+            flops = count(1)
         base = base or flops
         gen = sum(p.numel() for p in method.generator.parameters()) / 1e6
         critic = sum(p.numel() for p in method.critic.parameters()) / 1e6 if hasattr(method, "critic") else 0.0

@@ -21,6 +21,7 @@ Order, and what resume relies on (fixed world size and data.num_workers):
 """
 from __future__ import annotations
 
+import itertools
 import json
 import tarfile
 from pathlib import Path
@@ -144,23 +145,11 @@ class ShardStream(IterableDataset):
         gen = torch.Generator().manual_seed((p["seed"] * 1_000_003 + p["epoch"]) * 7919 + 104_729 * role)
         shards = [p["roles"][role][i] for i in torch.randperm(len(p["roles"][role]), generator=gen).tolist()]
         stream = self._shuffled(self._samples(shards), gen)
-        skip = done * p["batch"]
         base = (p["seed"] * 1_000_003 + p["epoch"]) * 10_000_019
-        chunk = []
-        for position, sample in enumerate(stream):
-            if position < skip:
-                continue
-            if position < skip + take:
-                chunk.append(sample)
-            if len(chunk) == p["batch"] or (position >= skip + take - 1 and chunk):
-                for (key, parts), image in zip(chunk, self._decode_batch(chunk)):
-                    label = int(parts["cls"]) if "cls" in parts else -1
-                    yield p["transform"](image, (base + int(key)) % (2 ** 63)), label, 0
-                chunk = []
-            if position >= skip + take - 1:
-                return
-        for (key, parts), image in zip(chunk, self._decode_batch(chunk)):   # a stream shorter than planned
-            yield p["transform"](image, (base + int(key)) % (2 ** 63)), int(parts.get("cls", -1)), 0
+        mine = itertools.islice(stream, done * p["batch"], done * p["batch"] + take)   # skipped ones are not decoded
+        while chunk := list(itertools.islice(mine, p["batch"])):
+            for (key, parts), image in zip(chunk, self._decode_batch(chunk)):
+                yield p["transform"](image, (base + int(key)) % (2 ** 63)), int(parts.get("cls", -1)), 0
 
     def _decode_batch(self, chunk) -> list[torch.Tensor]:
         """A batch's images: its JPEGs in one torchvision.io.decode_jpeg call (1- or 3-channel 8-bit packs), PIL for

@@ -69,14 +69,14 @@ def total_flop_counter() -> FlopCounterMode:
     return counter
 
 
-def flops_per_image(cfg: Config, in_chans: int, batch: int = 2) -> float:
-    """Training FLOPs per image of one step of the recipe's method (every stage the schedule runs late in a run:
-    forward and backward), counted on the CPU with random images; no data, optimiser or trainer needed."""
+def flops_per_image(cfg: Config, in_chans: int, batch: int = 2, step: int = 10 ** 6, method=None) -> float:
+    """Training FLOPs per image of one step of the recipe's method (every stage the schedule runs at `step`, late in
+    a run: forward and backward), counted on the CPU with random images; no data, optimiser or trainer needed."""
     from mimkit.methods import build_method
-    method = build_method(cfg, in_chans)
+    method = method or build_method(cfg, in_chans)
     method.set_pixel_stats(torch.zeros(1, in_chans, 1, 1), torch.ones(1, in_chans, 1, 1))
     images = torch.randn(batch, in_chans, *cfg.model.img_size)
-    step, total = 10 ** 6, 10 ** 7
+    total = 10 ** 7
     carry = {"step": step, "epoch": 1, "total_steps": total, "last_micro": True}
     counter = total_flop_counter()
     with counter:
@@ -85,28 +85,19 @@ def flops_per_image(cfg: Config, in_chans: int, batch: int = 2) -> float:
     return counter.get_total_flops() / batch
 
 
-def step_flops(trainer, images: torch.Tensor, step: int) -> int:
-    counter = total_flop_counter()
-    with counter:
-        trainer._step([images], {}, {}, step)
-    return counter.get_total_flops()
-
-
 def measure(cfg: Config, batch: int, steps: int = 10, warmup: int = 3, modes=("eager", "compiled"),
             device: str | None = None, flop_batch: int = 2) -> dict:
     """{'parts': parameter rows, 'flops_per_image', 'device', 'peak', 'modes': [{mode, img_per_s, step_ms, peak_gib,
     warmup_s, tflops, share_of_peak}]}."""
-    result: dict = {"modes": []}
-    with tempfile.TemporaryDirectory() as out:
-        trainer = _trainer(cfg, out, flop_batch, False, device)
-        dev = trainer.device
-        h, w = cfg.model.img_size
-        images = torch.randn(flop_batch, trainer.in_chans, h, w, device=dev)
-        step = trainer.warmup_steps            # past warm-up: every stage of the schedule runs
-        result["parts"] = parameter_table(trainer.method)
-        result["flops_per_image"] = step_flops(trainer, images, step) / flop_batch
-        result["device"] = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
-        result["peak"] = peak_flops(dev)
+    from mimkit.engine.dist import default_device
+    from mimkit.methods import build_method
+    in_chans = cfg.data.channels or 3          # as the synthetic data the timed steps run on
+    method = build_method(cfg, in_chans)
+    dev = torch.device(default_device(device))
+    result: dict = {"modes": [], "parts": parameter_table(method),
+                    "flops_per_image": flops_per_image(cfg, in_chans, flop_batch, method=method),
+                    "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "peak": peak_flops(dev)}
+    h, w = cfg.model.img_size
     for mode in modes:
         with tempfile.TemporaryDirectory() as out:
             trainer = _trainer(cfg, out, batch, mode == "compiled", device)
