@@ -1,9 +1,7 @@
 """Shared fixtures: tiny models, a small IDX copy of Fashion-MNIST, and IDX writing."""
 from __future__ import annotations
 
-import gzip
 import os
-import struct
 from pathlib import Path
 
 import numpy as np
@@ -28,17 +26,10 @@ def cpu_by_default(monkeypatch, request):
         monkeypatch.setenv("MIMKIT_DEVICE", "cpu")
 
 
-def write_idx(path: Path, array: np.ndarray) -> None:
-    """Writes a gzipped unsigned-byte IDX file."""
-    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(">" + "I" * array.ndim, *array.shape)
-    with gzip.open(path, "wb") as f:
-        f.write(header + array.astype(np.uint8).tobytes())
-
-
 @pytest.fixture(scope="session")
 def fmnist_small(tmp_path_factory) -> Path:
     """2,048 train / 1,000 test Fashion-MNIST images as an IDX folder (fast epochs, real images)."""
-    from mimkit.data.datasets import read_idx
+    from mimkit.data.datasets import read_idx, write_idx
     if not (FMNIST / "train-images-idx3-ubyte.gz").exists():
         pytest.fail("Fashion-MNIST is missing: run 'bash scripts/setup.sh' (installs dataset-fashion-mnist)")
     out = tmp_path_factory.mktemp("fmnist_small")

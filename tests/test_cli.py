@@ -78,7 +78,7 @@ def test_pretrain_export_and_probe_commands(capsys, tmp_path, fmnist_small):
 
 def test_probing_other_data_says_which_normalisation_it_uses(capsys, tmp_path, fmnist_small):
     from mimkit.data.datasets import read_idx
-    from tests.conftest import write_idx
+    from mimkit.data.datasets import write_idx
     run = tmp_path / "r"
     assert main(["pretrain", "--config", RECIPE, "--out", str(run), "--data", f"idx:{fmnist_small}",
                  "--steps", "1", *TINY]) == 0

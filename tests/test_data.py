@@ -5,7 +5,7 @@ from PIL import Image
 
 from mimkit.data import (DataError, IDXDataset, ImageFolderDataset, PretrainTransform, ResumableSampler,
                          build_dataset)
-from tests.conftest import write_idx
+from mimkit.data.datasets import write_idx
 
 
 def test_idx_reader_roundtrip(tmp_path):

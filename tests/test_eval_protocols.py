@@ -11,7 +11,8 @@ from mimkit.data import build_dataset
 from mimkit.engine.trainer import Trainer
 from mimkit.eval import extract_features
 from mimkit.eval.attentive import AttentiveClassifier, attentive_probe_top1
-from mimkit.eval.finetune import FinetuneConfig, classifier_from_encoder, finetune, finetune_param_groups
+from mimkit.eval.finetune import (FinetuneConfig, FinetuneTransform, classifier_from_encoder, finetune,
+                                  finetune_param_groups)
 from mimkit.eval.linear import ProbedClassifier, linear_probe, linear_probe_top1
 from mimkit.eval.recon import ms_ssim_settings, reconstruction_metrics
 from mimkit.eval.robustness import CORRUPTIONS, corrupt, corruption_accuracy, corruption_errors
@@ -147,6 +148,20 @@ def test_finetuning_learns(fmnist_small):
     # from random init, 96 steps on 2,048 images (seen: 20.9 -> 36.7 -> 44.4); chance is 10
     assert result["best_top1"] > 30 and result["best_top1"] >= result["final_top1"]
     assert result["history"][-1]["top1"] > result["history"][0]["top1"]
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_randaugment_at_full_magnitude_posterizes_to_black_on_any_pillow(channels):
+    """rand-m9-mstd0.5 draws magnitude 10 a few times in a hundred; PosterizeIncreasing then keeps 0 bits, which
+    recent Pillow refuses with a ValueError that stopped fine-tuning runs."""
+    transform = FinetuneTransform((28, 28), FinetuneConfig(), [0.5] * channels)
+    op = next(op for op in transform.randaug.ops if op.name == "PosterizeIncreasing")
+    op.prob, op.magnitude, op.magnitude_std = 1.0, 10, 0
+    transform.randaug.ops, transform.randaug.num_layers = [op], 1
+    image = torch.full((channels, 28, 28), 200, dtype=torch.uint8)
+    assert transform(image, seed=0).max() == 0
+    op.magnitude = 5                                     # 2 bits kept: 200 -> 192
+    assert transform(image, seed=0).max() == 192
 
 
 def test_eval_commands_and_report(mae_run, fmnist_small, tmp_path, capsys):

@@ -10,9 +10,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import timm
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from timm.data import Mixup
-from timm.data.auto_augment import rand_augment_transform
+from timm.data.auto_augment import posterize, rand_augment_transform
 from timm.loss import SoftTargetCrossEntropy
 from timm.optim import param_groups_layer_decay
 from torch.utils.data import DataLoader
@@ -41,6 +41,14 @@ class FinetuneConfig:
     seed: int = 0
 
 
+def posterize_any_bits(img: Image.Image, bits_to_keep: int, **_) -> Image.Image:
+    """timm's posterize, also for 0 bits (the increasing variant at magnitude 10), which recent Pillow (13 here) refuses and
+    older Pillow turned into a black image; this keeps the older result."""
+    if bits_to_keep >= 8:
+        return img
+    return ImageOps.posterize(img, bits_to_keep) if bits_to_keep > 0 else Image.new(img.mode, img.size)
+
+
 class FinetuneTransform(PretrainTransform):
     """RandomResizedCrop + flip, then timm's RandAugment on 1- or 3-channel 8-bit images."""
 
@@ -49,6 +57,9 @@ class FinetuneTransform(PretrainTransform):
         # PIL fills a grayscale image with an int, an RGB one with a triple
         fill = int(round(255 * mean[0])) if len(mean) == 1 else tuple(int(round(255 * m)) for m in mean[:3])
         self.randaug = rand_augment_transform(cfg.randaug, {"img_mean": fill}) if cfg.randaug else None
+        for op in getattr(self.randaug, "ops", []):
+            if op.aug_fn is posterize:
+                op.aug_fn = posterize_any_bits
 
     def __call__(self, image: torch.Tensor, seed: int) -> torch.Tensor:
         out = super().__call__(image, seed)

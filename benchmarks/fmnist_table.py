@@ -1,0 +1,199 @@
+"""Every method in mimkit on Fashion-MNIST at equal epochs and at equal training FLOPs, in the papers' table layout.
+
+    python benchmarks/fmnist_table.py --epochs 3 --train-images 6000 [--transfer sklearn-digits | idx:DIR | folder:DIR]
+                                      [--methods mae,simmim,...] [--out runs/fmnist-table] [--device cuda]
+
+Pre-training: each method's `*_vit-mini_fmnist-tiny.yaml` recipe (ViT-mini, patch 4, 28 px), at `--batch`, on the
+first `--train-images` of a seeded shuffle of the Fashion-MNIST train set (all 60,000 when 0), for `--epochs` epochs
+of those images ("equal epochs"); then again for the training FLOPs that MAE spends in those epochs ("equal FLOPs",
+FLOPs per image counted with torch.utils.flop_counter over one whole step, `engine.cost.flops_per_image`; a method
+costlier than MAE gets fewer steps). Evaluation (`eval report`'s protocols, frozen encoder unless fine-tuned): k-NN
+(k=20), linear probe, attentive probe, end-to-end fine-tuning for `--finetune-epochs`, each trained on
+`--train-limit` train images and measured on `--test-limit` test images, and reconstruction metrics (L1, PSNR, SSIM;
+FID with `--fid-encoder`) on 500 test images with seeded masks. Reference rows: the same architecture at random init
+and raw pixels. Transfer: k-NN and linear probe of the frozen encoders on a second data set, by default scikit-learn's
+8x8 handwritten digits (1,797 images, enlarged to 28 px; split 1,297 train / 500 test; needs `pip install
+scikit-learn`), normalised with the pre-training statistics.
+
+Everything lands in OUT: runs (resumable), per-row results (`results/*.json`, re-used on a re-run), and `table.md`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mimkit.config import load_config
+from mimkit.data.datasets import read_idx, resolve_spec, write_idx
+from mimkit.engine.cost import flops_per_image
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+RECIPES = {   # the method's name in the table -> its tiny recipe
+    "MAE": "mae_vit-mini_fmnist-tiny",
+    "SimMIM": "simmim_vit-mini_fmnist-tiny",
+    "Vision ELECTRA": "vision-electra_vit-mini_fmnist-tiny",
+    "GAN-MAE": "gan-mae_vit-mini_fmnist-tiny",
+    "CAE": "cae_vit-mini_fmnist-tiny",
+    "CIM (ResPix, ViT)": "cim-respix_vit-mini_fmnist-tiny",
+    "Perceptual MAE (LS-GAN-P)": "perceptual-mae-lsgan-p_vit-mini_fmnist-tiny",
+}
+KEYS = {"mae": "MAE", "simmim": "SimMIM", "vision-electra": "Vision ELECTRA", "gan-mae": "GAN-MAE", "cae": "CAE",
+        "cim": "CIM (ResPix, ViT)", "perceptual-mae": "Perceptual MAE (LS-GAN-P)"}
+
+
+def subset_idx(out: Path, count: int, seed: int = 0) -> str:
+    """The first `count` images of a seeded shuffle of the Fashion-MNIST train set (and the whole test set) as IDX."""
+    if not count:
+        return "fashion-mnist"
+    out.mkdir(parents=True, exist_ok=True)
+    source = resolve_spec("fashion-mnist")[1]
+    if not (out / "train-images-idx3-ubyte.gz").exists():
+        images, labels = (read_idx(source / f"train-{k}-idx{d}-ubyte.gz") for k, d in (("images", 3), ("labels", 1)))
+        pick = np.sort(np.random.default_rng(seed).permutation(len(images))[:count])
+        write_idx(out / "train-labels-idx1-ubyte.gz", labels[pick])
+        write_idx(out / "train-images-idx3-ubyte.gz", images[pick])
+        for kind, dims in (("images", 3), ("labels", 1)):
+            name = f"t10k-{kind}-idx{dims}-ubyte.gz"
+            write_idx(out / name, read_idx(source / name))
+    return f"idx:{out}"
+
+
+def digits_idx(out: Path) -> str:
+    """scikit-learn's 8x8 digits (0..16 grey levels) enlarged to 28 x 28 like MNIST (20 px digit, 4 px border)."""
+    if not (out / "t10k-labels-idx1-ubyte.gz").exists():
+        from sklearn.datasets import load_digits
+        digits = load_digits()
+        x = torch.from_numpy(digits.images).float()[:, None] / 16.0
+        x = torch.nn.functional.interpolate(x, size=(20, 20), mode="bilinear", align_corners=False)
+        x = torch.nn.functional.pad(x, (4, 4, 4, 4))
+        images = (x[:, 0].clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+        order = np.random.default_rng(0).permutation(len(images))
+        out.mkdir(parents=True, exist_ok=True)
+        for prefix, part in (("train", order[:-500]), ("t10k", order[-500:])):
+            write_idx(out / f"{prefix}-images-idx3-ubyte.gz", images[part])
+            write_idx(out / f"{prefix}-labels-idx1-ubyte.gz", digits.target[part])
+    return f"idx:{out}"
+
+
+def pretrain(recipe: str, out: Path, steps: int, overrides: list[str], device: str | None) -> Path:
+    from mimkit.engine.trainer import Trainer
+    cfg = load_config(CONFIGS / f"{recipe}.yaml", overrides + [f"train.steps={steps}"])
+    if not (out / "last.pt").exists() or torch.load(out / "last.pt", weights_only=True, mmap=True)["step"] < steps:
+        Trainer(cfg, out, resume=True, device=device).train()
+    return out
+
+
+def evaluate(spec: str, out: Path, data: str, protocols, args) -> dict:
+    """One row of `eval report` (kept in OUT/results, so a re-run skips it)."""
+    from mimkit.eval.report import run_report
+    if out.with_suffix(".json").exists():
+        return json.loads(out.with_suffix(".json").read_text())
+    row = run_report([spec], out, data=data, protocols=protocols, train_limit=args.train_limit,
+                     test_limit=args.test_limit, finetune_epochs=args.finetune_epochs, device=args.device or "cpu",
+                     fid_encoder=args.fid_encoder, log=lambda m: print(m, flush=True))[0]
+    out.with_suffix(".json").write_text(json.dumps(row, indent=2, default=float))
+    return row
+
+
+def raw_pixels(data: str, args, mean, std) -> dict:
+    from mimkit.data import build_dataset
+    from mimkit.eval import extract_features, knn_top1, linear_probe_top1
+    from mimkit.eval.features import subset
+    tr = extract_features(None, subset(build_dataset(data, "train"), args.train_limit), (28, 28), mean, std)
+    te = extract_features(None, subset(build_dataset(data, "test"), args.test_limit), (28, 28), mean, std)
+    return {"knn": knn_top1(*tr, *te, k=20), "linear": linear_probe_top1(*tr, *te)}
+
+
+def cell(value, digits: int = 1) -> str:
+    return "" if value is None else f"{value:.{digits}f}"
+
+
+def table(rows: list[dict], args, transfer_name: str | None) -> str:
+    images = args.train_images or 60000
+    head = ["method", "budget", "steps", "epochs", "GFLOP/img", "TFLOP total", "k-NN", "linear", "attentive",
+            "fine-tune", "L1", "PSNR", "SSIM"] + (["FID"] if args.fid_encoder else []) + \
+        ([f"{transfer_name} k-NN", f"{transfer_name} linear"] if transfer_name else [])
+    lines = [f"Fashion-MNIST, ViT-mini (patch 4, 28 px) tiny recipes, batch {args.batch}, pre-trained on "
+             f"{images:,} train images for {args.epochs:g} epochs (equal epochs) or MAE's training FLOPs of those "
+             f"epochs (equal FLOPs). Probes trained on {args.train_limit:,} train images, measured on "
+             f"{args.test_limit:,} test images (top-1 %); fine-tuning {args.finetune_epochs} epoch(s); "
+             "reconstruction metrics on 500 test images with seeded masks.", "",
+             "| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    for r in rows:
+        m, t, recon = r.get("main", {}), r.get("transfer", {}), r.get("main", {}).get("recon") or {}
+        ft = (m.get("finetune") or {}).get("best_top1")
+        cells = [r["method"], r["budget"], str(r.get("steps", "")), cell(r.get("epochs"), 2),
+                 cell(r.get("gflops"), 3), cell(r.get("tflops"), 2), cell(m.get("knn")), cell(m.get("linear")),
+                 cell(m.get("attentive")), cell(ft), cell(recon.get("l1"), 4), cell(recon.get("psnr"), 2),
+                 cell(recon.get("ssim"), 3)] + ([cell(recon.get("fid"), 2)] if args.fid_encoder else []) + \
+            ([cell(t.get("knn")), cell(t.get("linear"))] if transfer_name else [])
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--epochs", type=float, default=3.0)
+    parser.add_argument("--train-images", type=int, default=6000, help="pre-training images (0: all 60,000)")
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--methods", default=",".join(KEYS), help=f"comma-separated, from {', '.join(KEYS)}")
+    parser.add_argument("--transfer", default="sklearn-digits", help="sklearn-digits | idx:DIR | folder:DIR | none")
+    parser.add_argument("--train-limit", type=int, default=5000)
+    parser.add_argument("--test-limit", type=int, default=2000)
+    parser.add_argument("--finetune-epochs", type=int, default=1)
+    parser.add_argument("--fid-encoder", default=None, help="a FID feature encoder (see `mimkit eval report`)")
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--out", default="runs/fmnist-table")
+    args = parser.parse_args()
+    out = Path(args.out)
+    names = [KEYS[k.strip()] for k in args.methods.split(",")]
+    if "MAE" not in names:
+        names.insert(0, "MAE")          # the equal-FLOPs budget is MAE's
+    data = subset_idx(out / "data", args.train_images)
+    transfer = None if args.transfer == "none" else digits_idx(out / "digits") if args.transfer == "sklearn-digits" \
+        else args.transfer
+    transfer_name = "digits" if args.transfer == "sklearn-digits" else (None if transfer is None else "transfer")
+    overrides = [f"data.spec={data}", f"data.batch_size={args.batch}", "train.sample_every=0", "train.log_every=20"]
+    epoch_steps = math.ceil(args.epochs * (args.train_images or 60000) / args.batch)
+    flops = {n: flops_per_image(load_config(CONFIGS / f"{RECIPES[n]}.yaml", overrides), 1) for n in names}
+    plan = [(n, "equal epochs", epoch_steps) for n in names]
+    plan += [(n, "equal FLOPs", max(1, round(epoch_steps * flops["MAE"] / flops[n]))) for n in names if n != "MAE"]
+    print("plan:", ", ".join(f"{n} {b} {s} steps" for n, b, s in plan), flush=True)
+    rows = []
+    start = time.time()
+    for n, budget, steps in plan:
+        run = out / "runs" / f"{RECIPES[n]}-{steps}"
+        print(f"[table] {n}, {budget}: {steps} steps ({time.time() - start:.0f} s so far)", flush=True)
+        pretrain(RECIPES[n], run, steps, overrides, args.device)
+        key = f"{RECIPES[n]}-{steps}"
+        row = {"method": n, "budget": budget, "steps": steps, "epochs": steps * args.batch / (args.train_images or 60000),
+               "gflops": flops[n] / 1e9, "tflops": flops[n] * steps * args.batch / 1e12,
+               "main": evaluate(str(run), out / "results" / key, "fashion-mnist",
+                                ("knn", "linear", "attentive", "finetune", "recon"), args)}
+        if transfer:
+            row["transfer"] = evaluate(str(run), out / "results" / f"{key}-transfer", transfer, ("knn", "linear"), args)
+        rows.append(row)
+    first = out / "runs" / f"{RECIPES['MAE']}-{epoch_steps}"
+    reference = {"method": "random init (same ViT-mini)", "budget": "none",
+                 "main": evaluate(f"random:{first}", out / "results" / "random-init", "fashion-mnist",
+                                  ("knn", "linear", "attentive", "finetune"), args)}
+    stats = torch.load(first / "last.pt", weights_only=True, mmap=True)["data_stats"]
+    pixels = {"method": "raw pixels", "budget": "none", "main": raw_pixels("fashion-mnist", args, stats["mean"], stats["std"])}
+    if transfer:
+        reference["transfer"] = evaluate(f"random:{first}", out / "results" / "random-init-transfer", transfer,
+                                         ("knn", "linear"), args)
+        pixels["transfer"] = raw_pixels(transfer, args, stats["mean"], stats["std"])
+    rows += [reference, pixels]
+    text = table(rows, args, transfer_name)
+    (out / "table.md").write_text(text)
+    (out / "table.json").write_text(json.dumps(rows, indent=2, default=float))
+    print(text + f"\nwrote {out / 'table.md'} ({time.time() - start:.0f} s)", flush=True)
+
+
+if __name__ == "__main__":
+    main()
