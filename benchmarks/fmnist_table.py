@@ -8,7 +8,8 @@ first `--train-images` of a seeded shuffle of the Fashion-MNIST train set (all 6
 of those images ("equal epochs"); then again for the training FLOPs that MAE spends in those epochs ("equal FLOPs",
 FLOPs per image counted with torch.utils.flop_counter over one whole step, `engine.cost.flops_per_image`; a method
 costlier than MAE gets fewer steps). Evaluation (`eval report`'s protocols, frozen encoder unless fine-tuned): k-NN
-(k=20), linear probe, attentive probe, end-to-end fine-tuning for `--finetune-epochs`, each trained on
+(k=20), linear probe, attentive probe, end-to-end fine-tuning (configs/finetune/fmnist-tiny.yaml: layer decay,
+light mixup and RandAugment) for `--finetune-epochs`, each trained on
 `--train-limit` train images and measured on `--test-limit` test images, and reconstruction metrics (L1, PSNR, SSIM;
 FID with `--fid-encoder`) on 500 test images with seeded masks. Reference rows: the same architecture at random init
 and raw pixels. Transfer: k-NN and linear probe of the frozen encoders on a second data set, by default scikit-learn's
@@ -101,7 +102,8 @@ def evaluate(spec: str, out: Path, data: str, protocols, args) -> dict:
     if out.with_suffix(".json").exists():
         return json.loads(out.with_suffix(".json").read_text())
     row = run_report([spec], out, data=data, protocols=protocols, train_limit=args.train_limit,
-                     test_limit=args.test_limit, finetune_epochs=args.finetune_epochs, device=args.device or "cpu",
+                     test_limit=args.test_limit, finetune_epochs=args.finetune_epochs,
+                     finetune_recipe=str(CONFIGS / "finetune" / "fmnist-tiny.yaml"), device=args.device or "cpu",
                      fid_encoder=args.fid_encoder, log=lambda m: print(m, flush=True))[0]
     out.with_suffix(".json").write_text(json.dumps(row, indent=2, default=float))
     return row
@@ -128,7 +130,8 @@ def table(rows: list[dict], args, transfer_name: str | None) -> str:
     lines = [f"Fashion-MNIST, ViT-mini (patch 4, 28 px) tiny recipes, batch {args.batch}, pre-trained on "
              f"{images:,} train images for {args.epochs:g} epochs (equal epochs) or MAE's training FLOPs of those "
              f"epochs (equal FLOPs). Probes trained on {args.train_limit:,} train images, measured on "
-             f"{args.test_limit:,} test images (top-1 %); fine-tuning {args.finetune_epochs} epoch(s); "
+             f"{args.test_limit:,} test images (top-1 %); fine-tuning (best top-1) for {args.finetune_epochs} "
+             "epochs with configs/finetune/fmnist-tiny.yaml; "
              "reconstruction metrics on 500 test images with seeded masks.", "",
              "| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     for r in rows:
@@ -152,7 +155,7 @@ def main() -> None:
     parser.add_argument("--transfer", default="sklearn-digits", help="sklearn-digits | idx:DIR | folder:DIR | none")
     parser.add_argument("--train-limit", type=int, default=5000)
     parser.add_argument("--test-limit", type=int, default=2000)
-    parser.add_argument("--finetune-epochs", type=int, default=1)
+    parser.add_argument("--finetune-epochs", type=int, default=5, help="configs/finetune/fmnist-tiny.yaml's 5")
     parser.add_argument("--fid-encoder", default=None, help="a FID feature encoder (see `mimkit eval report`)")
     parser.add_argument("--device", default=None)
     parser.add_argument("--out", default="runs/fmnist-table")

@@ -6,7 +6,7 @@ import pytest
 from mimkit import demo
 from mimkit.engine.checkpoint import load_checkpoint
 
-SMALL = ["model.size=pico", "method.decoder_dim=32", "method.decoder_depth=1", "data.batch_size=32",
+SMALL = ["model.size=pico", "method.decoder_dim=32", "method.decoder_depth=1", "data.batch_size=32", "train.log_every=2",
          "data.num_workers=0", "train.sample_every=2", "optim.warmup_epochs=0"]
 
 
@@ -41,3 +41,6 @@ def test_demo_reports_after_each_stage_and_a_rerun_continues(fmnist_small, tmp_p
     results = summary["results"]
     assert set(results) >= {"raw pixels", "random init (same architecture)"} and len(results) == 5
     assert "vs random init" in report and json.loads((tmp_path / "probes.json").read_text())
+    for stage in ("main", "mae-equal-steps", "mae-equal-flops"):               # pictures the report embeds
+        assert f"]({stage}/loss-curves.png)" in report and (tmp_path / stage / "loss-curves.png").exists()
+        assert f"]({stage}/samples/final.png)" in report and (tmp_path / stage / "samples" / "final.png").exists()

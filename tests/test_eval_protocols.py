@@ -180,8 +180,10 @@ def test_eval_commands_and_report(mae_run, fmnist_small, tmp_path, capsys):
                  "--train-limit", "500", "--test-limit", "200", "--severities", "5"]) == 0
     report = (tmp_path / "rep/report.md").read_text()
     assert "| run | k-NN | linear | attentive | L1 | PSNR" in report and "random init" in report
-    for name in ("attention-0.png", "attention-1.png", "reconstruction-0.png", "reconstruction-1.png"):
-        assert (tmp_path / "rep" / name).exists()
+    for name in ("attention-0.png", "attention-1.png", "reconstruction-0.png", "reconstruction-1.png",
+                 "loss-curves-0.png"):
+        assert (tmp_path / "rep" / name).exists() and f"]({name})" in report
+    assert not (tmp_path / "rep" / "loss-curves-1.png").exists()        # random init was not trained
     rows = json.loads((tmp_path / "rep/report.json").read_text())
     assert rows[1]["robustness"]["ce"]["mCE"] != 1.0 or rows[0]["knn"] != rows[1]["knn"]
 

@@ -94,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--device", default=None)
     rep.add_argument("--inception-weights", help="recon: local Inception-v3 weights file for FID and IS (Table 1)")
     rep.add_argument("--fid-encoder", help="recon: else a timm encoder export (.safetensors) as FID's feature network")
+    rep.add_argument("--finetune-recipe", help="finetune: a recipe, e.g. configs/finetune/fmnist-tiny.yaml (default: "
+                     "3 epochs, batch 64, lr 1e-3, the ImageNet-strength mixup, cutmix and RandAugment)")
+    rep.add_argument("--finetune-epochs", type=int, default=None, help="finetune: epochs (default: the recipe's)")
 
     p = sub.add_parser("visualize", help="pictures of a run")
     vsub = p.add_subparsers(dest="what", required=True)
@@ -355,7 +358,8 @@ def run_attention(args) -> dict:
     x = torch.stack([t(dataset[i][0]) for i in range(args.num_images)])
     x = to_unit_float(x)
     m, s = torch.tensor(mean).view(1, -1, 1, 1), torch.tensor(std).view(1, -1, 1, 1)
-    save_attention_grid(subject.model, (x - m) / s, x, tuple(subject.model.patch_embed.grid_size), Path(args.out))
+    save_attention_grid(subject.model, (x - m) / s, x, tuple(subject.model.patch_embed.grid_size), Path(args.out),
+                        title=f"{subject.description}: last-layer CLS attention")
     return {"attention_png": args.out, "encoder": subject.description, "heads": subject.model.blocks[-1].attn.num_heads}
 
 
@@ -415,7 +419,8 @@ def _run(args) -> int:
         out = args.out or (first if first.is_dir() else first.parent) / "report"
         run_report(args.runs, out, args.data, tuple(args.protocols.split(",")), args.train_limit,
                    args.test_limit, tuple(int(s) for s in args.severities.split(",")), device=device,
-                   inception_weights=args.inception_weights, fid_encoder=args.fid_encoder)
+                   inception_weights=args.inception_weights, fid_encoder=args.fid_encoder,
+                   finetune_recipe=args.finetune_recipe, finetune_epochs=args.finetune_epochs)
     elif args.command == "eval":
         print(json.dumps(run_probe(args, args.protocol)))
     elif args.command == "visualize":

@@ -99,12 +99,12 @@ def run_demo(out: str | Path = "runs/demo", config: str | None = None, steps: in
 
 def pretrain(recipe: Path, out: Path, steps: int, device: str | None, overrides=()) -> dict:
     from mimkit.config import load_config
+    from mimkit.engine.logging import read_metrics
     from mimkit.engine.trainer import Trainer
     cfg = load_config(recipe, DEMO_OVERRIDES + list(overrides) + [f"train.steps={steps}"])
     trainer = Trainer(cfg, out, resume=True, device=device)  # re-running the demo continues, never overwrites
     trainer.train()
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    rows = [r for r in rows if "loss" in r]
+    rows = [r for r in read_metrics(out) if "loss" in r]
     wall, previous = 0.0, 0   # pre-training time summed over log intervals (also across resumed sessions)
     for r in rows:
         wall += (r["step"] - previous) * cfg.data.batch_size / max(r["img_per_s"], 1e-9)
@@ -182,9 +182,11 @@ def write_report(out: Path, runs, results: dict, train_limit, done: int, total: 
         picked += [rows[-1]] if picked[-1] is not rows[-1] else []
         for r in picked:
             lines.append(f"| {r['step']} | " + " | ".join(f"{r[p]:.4f}" for p in parts) + " |")
-        grid = run["out"] / "samples" / "final.png"
-        rows_text = "original | masked | reconstruction" + (" | second noise draw" if run["name"] == "vision_electra" else "")
-        lines += ["", f"Reconstructions ({rows_text}):", "", f"![{key}]({grid.relative_to(out)})"]
+        curves, grid = run["out"] / "loss-curves.png", run["out"] / "samples" / "final.png"
+        if curves.exists():
+            lines += ["", "Loss curves:", "", f"![{key} losses]({curves.relative_to(out)})"]
+        lines += ["", "Reconstructions of fixed test images (row titles in the picture):", "",
+                  f"![{key}]({grid.relative_to(out)})"]
     if runs:
         lines += ["", "## Settings of the main run", "", "```yaml",
                   yaml.safe_dump(runs[0][1]["cfg"].to_dict(), sort_keys=False).rstrip(), "```", ""]

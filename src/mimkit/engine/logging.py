@@ -1,12 +1,15 @@
-"""Run outputs: metrics.jsonl, TensorBoard scalars and images, console lines, reconstruction grids."""
+"""Run outputs: metrics.jsonl, TensorBoard scalars and images, console lines, and pictures that explain themselves:
+reconstruction grids with their title (run, step) and row / column titles drawn in, and loss curves."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
 from typing import NamedTuple
 
+import numpy as np
 import torch
-from torchvision.utils import make_grid, save_image
+from PIL import Image, ImageDraw, ImageFont
+from torchvision.utils import make_grid
 
 
 class MetricsLog:
@@ -45,6 +48,18 @@ class MetricsLog:
             self.writer.close()
 
 
+def read_metrics(run: Path) -> list[dict]:
+    """The rows of RUN/metrics.jsonl (training rows and probe rows), without lines torn by a crash."""
+    path = Path(run) / "metrics.jsonl"
+    rows = []
+    for line in path.read_text(errors="replace").splitlines() if path.exists() else []:
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            continue
+    return [r for r in rows if isinstance(r, dict) and "step" in r]
+
+
 def _step_of(line: str) -> int | None:
     """The step of one metrics.jsonl line; None for a line torn by a crash or power loss."""
     try:
@@ -67,16 +82,82 @@ class RenderedRow(NamedTuple):
     image: torch.Tensor
 
 
-def save_rows_grid(rows: list[tuple[str, torch.Tensor]], mean, std, path: Path, min_tile: int = 84) -> torch.Tensor:
-    """Saves a grid with one row per entry (e.g. original | masked | reconstruction) and returns it."""
+def save_rows_grid(rows: list[tuple[str, torch.Tensor]], mean, std, path: Path, min_tile: int = 84,
+                   title: str = "", column_titles: list[str] | None = None) -> torch.Tensor:
+    """Saves a grid with one row per entry (e.g. original | masked | reconstruction), each row titled with its
+    name, and returns it ([3, H, W] in [0, 1])."""
     shown = [x.clamp(0, 1) if isinstance(row, RenderedRow) else to_display(x, mean, std)
              for row in rows for x in [row[1].float().cpu()]]
-    scale = -(-min_tile // shown[0].shape[-2])  # small images (28 px) are enlarged to be seen
-    if scale > 1:
-        shown = [torch.nn.functional.interpolate(x, scale_factor=scale, mode="nearest") for x in shown]
     if any(x.shape[1] != shown[0].shape[1] for x in shown):
         shown = [x.expand(-1, 3, -1, -1) for x in shown]
-    grid = make_grid(torch.cat(shown), nrow=shown[0].shape[0], padding=2, pad_value=1.0)
+    return save_titled_grid(torch.cat(shown), shown[0].shape[0], path, title, [row[0] for row in rows],
+                            column_titles or [], min_tile)
+
+
+def _font(size: int = 13):
+    try:
+        return ImageFont.load_default(size=size)          # Pillow >= 10.1: a scalable font
+    except TypeError:
+        return ImageFont.load_default()
+
+
+def save_titled_grid(tiles: torch.Tensor, ncol: int, path: Path, title: str = "", row_titles=(), column_titles=(),
+                     min_tile: int = 84, padding: int = 2) -> torch.Tensor:
+    """Tiles [N, 1|3, h, w] in [0, 1] in rows of `ncol`, small tiles enlarged (nearest) to `min_tile` px, with the
+    title above, column titles over the columns and row titles left of the rows; saved as PNG and returned."""
+    scale = -(-min_tile // tiles.shape[-2])
+    if scale > 1:
+        tiles = torch.nn.functional.interpolate(tiles, scale_factor=scale, mode="nearest")
+    grid = make_grid(tiles.expand(-1, 3, -1, -1) if tiles.shape[1] == 1 else tiles, nrow=ncol, padding=padding,
+                     pad_value=1.0)
+    body = Image.fromarray((grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
+    font, line = _font(), 18
+    measure = ImageDraw.Draw(body)
+    left = max([measure.textbbox((0, 0), t, font=font)[2] for t in row_titles] + [-8]) + 8
+    bands = bool(title) + bool(column_titles)
+    top = line * bands + (2 if bands else 0)
+    canvas = Image.new("RGB", (left + body.width, top + body.height), "white")
+    canvas.paste(body, (left, top))
+    draw = ImageDraw.Draw(canvas)
+    if title:
+        draw.text((4, 2), title, fill="black", font=font)
+    step_x, step_y = tiles.shape[-1] + padding, tiles.shape[-2] + padding
+    for j, text in enumerate(column_titles):
+        draw.text((left + padding + j * step_x, top - line + 2), _fit(draw, text, font, step_x), fill="black", font=font)
+    for i, text in enumerate(row_titles):
+        draw.text((4, top + padding + i * step_y + tiles.shape[-2] // 2 - 7), text, fill="black", font=font)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_image(grid, path)
-    return grid
+    canvas.save(path)
+    return torch.from_numpy(np.asarray(canvas).copy()).permute(2, 0, 1).float() / 255
+
+
+def _fit(draw: ImageDraw.ImageDraw, text: str, font, width: int) -> str:
+    while len(text) > 1 and draw.textbbox((0, 0), text, font=font)[2] > width - 2:
+        text = text[:-1]
+    return text
+
+
+def save_loss_curves(rows: list[dict], path: Path, title: str = "") -> Path | None:
+    """One panel per loss (and accuracy) in metrics.jsonl rows, against the step; None when nothing was logged."""
+    keys = [k for k in rows[-1] if k.startswith(("loss", "acc_", "probe_"))] if rows else []
+    keys = [k for k in keys if sum(isinstance(r.get(k), (int, float)) for r in rows) >= 2][:8]
+    if not keys:
+        return None
+    import matplotlib
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+    cols = min(len(keys), 4)
+    fig = Figure(figsize=(3.2 * cols, 2.6 * -(-len(keys) // cols)), layout="constrained")
+    for i, key in enumerate(keys):
+        ax = fig.add_subplot(-(-len(keys) // cols), cols, i + 1)
+        points = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
+        ax.plot(*zip(*points), linewidth=1.2)
+        ax.set_title(key, fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    return path

@@ -28,7 +28,7 @@ from mimkit.data.shards import ShardStream
 from mimkit.engine import dist as D
 from mimkit.engine.checkpoint import (CheckpointError, find_resume_checkpoint, frozen_sources, is_run_checkpoint,
                                       load_checkpoint, save_atomic, state_dict_of, verify_frozen_sources)
-from mimkit.engine.logging import MetricsLog, save_rows_grid
+from mimkit.engine.logging import MetricsLog, read_metrics, save_loss_curves, save_rows_grid
 from mimkit.methods import build_method
 
 
@@ -322,9 +322,10 @@ class Trainer:
                 if log is not None:
                     log.write({"step": step_done, **probe_row})
             if t.sample_every and step_done % t.sample_every == 0 and self.dist.is_main:
-                grid = self.save_samples(self.out / "samples" / f"step-{step_done:07d}.png")
+                grid = self.save_samples(self.out / "samples" / f"step-{step_done:07d}.png", step_done)
                 if log is not None:
                     log.image("reconstruction", grid, step_done)
+                self.save_loss_curves()
             if step_done % t.ckpt_every == 0 or step_done == self.total_steps:
                 self._save(step_done)
             if t.keep_every and step_done % t.keep_every == 0:
@@ -335,7 +336,9 @@ class Trainer:
         bar.close()
         finished = stop_after is None or stop_after >= self.total_steps
         if finished and self.start_step < self.total_steps and self.dist.is_main and t.sample_every:
-            self.save_samples(self.out / "samples" / "final.png")
+            self.save_samples(self.out / "samples" / "final.png", self.total_steps)
+        if self.dist.is_main and self.start_step < self.total_steps:
+            self.save_loss_curves()
         if log is not None:
             log.close()
         return last_row
@@ -419,7 +422,7 @@ class Trainer:
         return row
 
     @torch.no_grad()
-    def save_samples(self, path: Path) -> torch.Tensor:
+    def save_samples(self, path: Path, step: int) -> torch.Tensor:
         was_training = self.method.training
         self.method.eval()
         devices = [self.device] if self.device.type == "cuda" else []
@@ -428,7 +431,13 @@ class Trainer:
             with self.autocast():
                 rows = self.method.reconstruction_rows(self.sample_images)
         self.method.train(was_training)
-        return save_rows_grid(rows, self.mean, self.std, path)
+        return save_rows_grid(rows, self.mean, self.std, path,
+                              title=f"{self.out.name} ({self.cfg.method['name']}), step {step}")
+
+    def save_loss_curves(self) -> Path | None:
+        """RUN/loss-curves.png from metrics.jsonl (the whole run, resumed sessions included)."""
+        rows = [row for row in read_metrics(self.out) if "loss" in row]
+        return save_loss_curves(rows, self.out / "loss-curves.png", f"{self.out.name} ({self.cfg.method['name']})")
 
     # ------------------------------------------------------------------ checkpoints
     def _rng_state(self) -> dict:

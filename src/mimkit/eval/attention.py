@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torchvision.utils import make_grid, save_image
+from mimkit.engine.logging import save_titled_grid
 
 
 @torch.no_grad()
@@ -47,8 +47,9 @@ def patch_overlay(pixels: torch.Tensor, probs: torch.Tensor, grid: tuple[int, in
 
 @torch.no_grad()
 def save_attention_grid(model, images: torch.Tensor, display: torch.Tensor, grid: tuple[int, int], path: Path,
-                        min_tile: int = 84) -> torch.Tensor:
-    """One row per image: the image, the head-averaged map, then each head. `display` is the image in [0, 1]."""
+                        min_tile: int = 84, title: str = "") -> torch.Tensor:
+    """One row per image: the image, the head-averaged map, then each head, columns titled so; `display` is the
+    image in [0, 1]."""
     attn = cls_attention(model, images).float().cpu()                          # [B, H, L]
     display = display.float().cpu()
     b, heads, _ = attn.shape
@@ -62,11 +63,6 @@ def save_attention_grid(model, images: torch.Tensor, display: torch.Tensor, grid
     for i in range(b):
         tiles.append(display[i:i + 1, :3].expand(-1, 3, -1, -1) if display.shape[1] in (1, 3) else gray[i:i + 1].expand(-1, 3, -1, -1))
         tiles.append(overlay(gray[i:i + 1].expand(heads + 1, -1, -1, -1), maps[i]))
-    out = torch.cat(tiles).float().cpu()
-    scale = -(-min_tile // size[0])
-    if scale > 1:
-        out = F.interpolate(out, scale_factor=scale, mode="nearest")
-    image = make_grid(out, nrow=heads + 2, padding=2, pad_value=1.0)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_image(image, path)
-    return image
+    columns = ["image", "mean"] + [f"head {h + 1}" for h in range(heads)]
+    return save_titled_grid(torch.cat(tiles).float().cpu(), heads + 2, path,
+                            title or "last-layer CLS attention (per head and their mean)", (), columns, min_tile)

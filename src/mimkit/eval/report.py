@@ -42,10 +42,11 @@ def load_entry(spec: str, seed: int = 0) -> Entry:
 
 def run_report(specs: list[str], out: str | Path, data: str = "fashion-mnist", protocols=DEFAULT_PROTOCOLS,
                train_limit: int | None = 5000, test_limit: int | None = 2000, severities=(1, 3, 5),
-               finetune_epochs: int = 3, device: str = "cpu", seed: int = 0, log=print,
+               finetune_epochs: int | None = None, finetune_recipe: str | None = None, device: str = "cpu",
+               seed: int = 0, log=print,
                inception_weights: str | None = None, fid_encoder: str | None = None) -> list[dict]:
     from mimkit.data import build_dataset
-    from mimkit.engine.logging import save_rows_grid
+    from mimkit.engine.logging import read_metrics, save_loss_curves, save_rows_grid
     from mimkit.eval import extract_features, knn_top1
     from mimkit.eval.attention import save_attention_grid
     from mimkit.eval.attentive import attentive_probe_top1
@@ -95,9 +96,11 @@ def run_report(specs: list[str], out: str | Path, data: str = "fashion-mnist", p
             baseline_table = baseline_table or table
             row["robustness"] = {"clean": table["clean"], "table": table, "ce": corruption_errors(table, baseline_table)}
         if "finetune" in protocols:
+            from mimkit.config import build_dataclass, load_yaml
             from mimkit.eval.finetune import FinetuneConfig, classifier_from_encoder, finetune
-            ft_cfg = FinetuneConfig(epochs=finetune_epochs, batch_size=64, base_lr=1e-3, warmup_epochs=1,
-                                    num_workers=0, seed=seed)
+            ft_cfg = build_dataclass(FinetuneConfig, load_yaml(finetune_recipe)) if finetune_recipe else \
+                FinetuneConfig(epochs=3, batch_size=64, base_lr=1e-3, warmup_epochs=1, num_workers=0)
+            ft_cfg.epochs, ft_cfg.seed = finetune_epochs or ft_cfg.epochs, seed
             spec_enc = entry.method.encoder
             model = classifier_from_encoder(spec_enc.timm_name, spec_enc.timm_kwargs, enc.state_dict(), num_classes, ft_cfg)
             row["finetune"] = {k: v for k, v in finetune(model, train_part, test_part, size, entry.mean, entry.std,
@@ -106,13 +109,18 @@ def run_report(specs: list[str], out: str | Path, data: str = "fashion-mnist", p
         entry.method.to(device)
         if cfg.model.arch == "vit":
             save_attention_grid(enc, images.to(device), _display(images, entry), enc.patch_embed.grid_size,
-                                out / f"attention-{i}.png")
+                                out / f"attention-{i}.png", title=f"{entry.label}: last-layer CLS attention")
             row["attention_png"] = f"attention-{i}.png"
         torch.manual_seed(seed)
         recon_rows = entry.method.reconstruction_rows(images.to(device))
         mean_t, std_t = (torch.tensor(v).view(1, -1, 1, 1) for v in (entry.mean, entry.std))
-        save_rows_grid(recon_rows, mean_t, std_t, out / f"reconstruction-{i}.png")
+        save_rows_grid(recon_rows, mean_t, std_t, out / f"reconstruction-{i}.png", title=entry.label)
         row["reconstruction_png"] = f"reconstruction-{i}.png"
+        run_dir = Path(spec[len("random:"):] if spec.startswith("random:") else spec)
+        run_dir = run_dir if run_dir.is_dir() else run_dir.parent
+        if not spec.startswith("random:") and save_loss_curves([r for r in read_metrics(run_dir) if "loss" in r],
+                                                               out / f"loss-curves-{i}.png", entry.label):
+            row["loss_curves_png"] = f"loss-curves-{i}.png"
         row["wall_s"] = round(time.time() - start, 1)
         rows.append(row)
     (out / "report.json").write_text(json.dumps(rows, indent=2, default=float))
@@ -176,6 +184,8 @@ def render(rows: list[dict], protocols, data, train_limit, test_limit, severitie
     lines += ["", "## Pictures", ""]
     for r in rows:
         lines.append(f"### {r['run']}")
+        if "loss_curves_png" in r:
+            lines += ["", "Pre-training losses:", "", f"![loss curves]({r['loss_curves_png']})"]
         if "attention_png" in r:
             lines += ["", "Last-layer CLS attention (image | mean over heads | each head):", "", f"![attention]({r['attention_png']})"]
         lines += ["", "Reconstructions:", "", f"![reconstruction]({r['reconstruction_png']})", ""]

@@ -75,5 +75,5 @@ def show_tokenizer(tokenizer: Tokenizer, dataset, out: str | Path, num_images: i
             (f"{int(ratio * 100)} % tokens resampled", tokenizer.decode(corrupted).clamp(0, 1))]
     zero, one = torch.zeros(1, x.shape[1], 1, 1), torch.ones(1, x.shape[1], 1, 1)
     out = Path(out)
-    save_rows_grid(rows, zero, one, out)
+    save_rows_grid(rows, zero, one, out, title=f"{type(tokenizer).__name__}: {len(x)} test images, seed {seed}")
     return out
