@@ -55,18 +55,20 @@ def plan(config: str | None, steps: int, overrides=()) -> list[Stage]:
     return stages + [Stage("probes", "probes: k-NN and linear on frozen features"), Stage("report", "report")]
 
 
-def seconds_per_step(recipe: Path, device: str | None, overrides=(), steps: int = 3) -> float:
-    """Measured here, now: a short engine run of the recipe at the demo's batch (for the up-front estimate only)."""
+def seconds_per_step(recipe: Path, device: str | None, overrides=(), steps: int = 4) -> float:
+    """Measured here, now: a short engine run of the recipe at the demo's batch, the median of its steps after the
+    first (which pays for start-up); for the up-front estimate only."""
+    import statistics
     import tempfile
 
     from mimkit.config import load_config
+    from mimkit.engine.logging import read_metrics
     from mimkit.engine.trainer import Trainer
-    cfg = load_config(recipe, DEMO_OVERRIDES + list(overrides) + [f"train.steps={steps}", "train.sample_every=0"])
+    cfg = load_config(recipe, DEMO_OVERRIDES + list(overrides) + [f"train.steps={steps}", "train.sample_every=0",
+                                                                  "train.log_every=1"])
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = Trainer(cfg, tmp, quiet=True, device=device)
-        start = time.perf_counter()
-        trainer.train()
-        return (time.perf_counter() - start) / steps
+        Trainer(cfg, tmp, quiet=True, device=device).train()
+        return statistics.median(r["step_s"] for r in read_metrics(Path(tmp))[1:] if "step_s" in r)
 
 
 def run_demo(out: str | Path = "runs/demo", config: str | None = None, steps: int | None = None,
