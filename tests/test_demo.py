@@ -35,7 +35,7 @@ def test_demo_reports_after_each_stage_and_a_rerun_continues(fmnist_small, tmp_p
     summary = demo.run_demo(tmp_path, steps=4, train_limit=300, overrides=overrides)
     assert load_checkpoint(tmp_path / "main" / "last.pt")["step"] == 4
     assert [json.loads(line)["step"] for line in (tmp_path / "main" / "metrics.jsonl").read_text().splitlines()
-            ] == [4]                                                    # not trained again
+            ] == [2, 4]                                                 # not trained again
     report = (tmp_path / "report.md").read_text()
     assert "Stages finished: 5 of 5" in report and "Raw pixels are a strong baseline" in report
     results = summary["results"]
