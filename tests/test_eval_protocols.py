@@ -100,6 +100,18 @@ def test_reconstruction_metrics_of_an_identity_reconstruction_are_perfect(fmnist
     assert ms_ssim_settings(28, 28)[0] == 11 and len(ms_ssim_settings(28, 28)[1]) == 2
 
 
+def test_fid_encoder_measures_images_of_another_size_resized_to_its_own():
+    """A 28 px FID encoder on a 32 px run (SimMIM's tiny recipe) used to stop with timm's size assertion."""
+    from mimkit.eval.features import embed
+    from mimkit.eval.recon import EncoderFeatures
+    torch.manual_seed(0)
+    net = EncoderFeatures(timm.create_model("vit_tiny_patch16_224", **VIT).eval(), [0.3], [0.35])
+    big = torch.rand(3, 1, 32, 32)
+    small = torch.nn.functional.interpolate(big, size=(28, 28), mode="bilinear", antialias=True, align_corners=False)
+    expected = embed(net.encoder, (small - 0.3) / 0.35, "mean")
+    assert torch.allclose(net(big), expected, atol=1e-5) and torch.allclose(net(small), expected, atol=1e-5)
+
+
 def test_reconstruction_metrics_of_a_run_are_seeded_and_imperfect(mae_run, fmnist_small):
     from mimkit.engine.checkpoint import load_checkpoint
     from mimkit.export import method_from_checkpoint
@@ -171,11 +183,15 @@ def test_eval_commands_and_report(mae_run, fmnist_small, tmp_path, capsys):
                  ["eval", "finetune", "--ckpt", str(mae_run / "last.pt"), "--recipe", "configs/finetune/fmnist-tiny.yaml",
                   "--set", "epochs=1", "--set", "num_workers=0"],
                  ["eval", "recon", "--ckpt", str(mae_run / "last.pt"), "--num-images", "32"],
-                 ["visualize", "attention", "--ckpt", str(mae_run / "last.pt"), "--out", str(tmp_path / "a.png")]):
+                 ["visualize", "attention", "--ckpt", str(mae_run / "last.pt"), "--out", str(tmp_path / "a.png")],
+                 ["visualize", "reconstruction", "--ckpt", str(mae_run), "--out", str(tmp_path / "r.png"),
+                  "--num-images", "5"]):
         assert main(argv + data) == 0, argv
         out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-        assert "top1" in out or "psnr" in out or "attention_png" in out
+        assert "top1" in out or "psnr" in out or "attention_png" in out or "reconstruction_png" in out
     assert (tmp_path / "a.png").stat().st_size > 0
+    from PIL import Image
+    assert Image.open(tmp_path / "r.png").size[0] > 5 * 84                 # 5 columns of 84 px tiles + row titles
     assert main(["eval", "report", str(mae_run), f"random:{mae_run}", "--out", str(tmp_path / "rep"), *data,
                  "--train-limit", "500", "--test-limit", "200", "--severities", "5"]) == 0
     report = (tmp_path / "rep/report.md").read_text()

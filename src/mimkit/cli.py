@@ -105,6 +105,13 @@ def build_parser() -> argparse.ArgumentParser:
     va.add_argument("--out", required=True, help="PNG file")
     va.add_argument("--data", default="fashion-mnist")
     va.add_argument("--num-images", type=int, default=8)
+    vr = vsub.add_parser("reconstruction", help="original | masked | reconstruction (| the method's other rows), "
+                         "titled (PNG)")
+    vr.add_argument("--ckpt", required=True, help="RUN or RUN/last.pt (a mimkit run: the whole method is needed)")
+    vr.add_argument("--out", required=True, help="PNG file")
+    vr.add_argument("--data", default="fashion-mnist")
+    vr.add_argument("--num-images", type=int, default=8)
+    vr.add_argument("--seed", type=int, default=0, help="the masks' seed")
 
     p = sub.add_parser("export", help="write the encoder as a timm state dict (safetensors) + JSON")
     p.add_argument("--ckpt", required=True)
@@ -423,6 +430,14 @@ def _run(args) -> int:
                    finetune_recipe=args.finetune_recipe, finetune_epochs=args.finetune_epochs)
     elif args.command == "eval":
         print(json.dumps(run_probe(args, args.protocol)))
+    elif args.command == "visualize" and args.what == "reconstruction":
+        from pathlib import Path
+
+        from mimkit.data import build_dataset
+        from mimkit.eval.report import load_entry, save_reconstructions
+        entry = load_entry(args.ckpt)
+        save_reconstructions(entry, build_dataset(args.data, "test"), Path(args.out), args.num_images, args.seed)
+        print(json.dumps({"reconstruction_png": args.out, "run": entry.label}))
     elif args.command == "visualize":
         print(json.dumps(run_attention(args)))
     elif args.command == "export":

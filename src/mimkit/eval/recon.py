@@ -12,7 +12,8 @@ MS_SSIM_BETAS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
 
 
 class EncoderFeatures(nn.Module):
-    """A timm encoder as an FID feature network: images in [0, 1] -> pooled features [N, D]."""
+    """A timm encoder as an FID feature network: images in [0, 1] -> pooled features [N, D]; images of another size
+    than the encoder's are resized to it (bilinear, antialiased), as Inception resizes to 299 px."""
 
     def __init__(self, encoder: nn.Module, mean, std, pool: str = "mean"):
         super().__init__()
@@ -23,6 +24,10 @@ class EncoderFeatures(nn.Module):
         self.num_features = encoder.num_features
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        size = tuple(getattr(getattr(self.encoder, "patch_embed", None), "img_size", None) or images.shape[-2:])
+        if tuple(images.shape[-2:]) != size:    # e.g. SimMIM's 32 px runs measured with a 28 px encoder
+            images = nn.functional.interpolate(images.float(), size=size, mode="bilinear", antialias=True,
+                                               align_corners=False)
         return self._embed(self.encoder, (images.float() - self.mean) / self.std, self.pool).float()
 
 

@@ -46,7 +46,7 @@ def run_report(specs: list[str], out: str | Path, data: str = "fashion-mnist", p
                seed: int = 0, log=print,
                inception_weights: str | None = None, fid_encoder: str | None = None) -> list[dict]:
     from mimkit.data import build_dataset
-    from mimkit.engine.logging import read_metrics, save_loss_curves, save_rows_grid
+    from mimkit.engine.logging import read_metrics, save_loss_curves
     from mimkit.eval import extract_features, knn_top1
     from mimkit.eval.attention import save_attention_grid
     from mimkit.eval.attentive import attentive_probe_top1
@@ -111,10 +111,7 @@ def run_report(specs: list[str], out: str | Path, data: str = "fashion-mnist", p
             save_attention_grid(enc, images.to(device), _display(images, entry), enc.patch_embed.grid_size,
                                 out / f"attention-{i}.png", title=f"{entry.label}: last-layer CLS attention")
             row["attention_png"] = f"attention-{i}.png"
-        torch.manual_seed(seed)
-        recon_rows = entry.method.reconstruction_rows(images.to(device))
-        mean_t, std_t = (torch.tensor(v).view(1, -1, 1, 1) for v in (entry.mean, entry.std))
-        save_rows_grid(recon_rows, mean_t, std_t, out / f"reconstruction-{i}.png", title=entry.label)
+        save_reconstructions(entry, test_set, out / f"reconstruction-{i}.png", seed=seed, device=device)
         row["reconstruction_png"] = f"reconstruction-{i}.png"
         run_dir = Path(spec[len("random:"):] if spec.startswith("random:") else spec)
         run_dir = run_dir if run_dir.is_dir() else run_dir.parent
@@ -127,6 +124,18 @@ def run_report(specs: list[str], out: str | Path, data: str = "fashion-mnist", p
     (out / "report.md").write_text(render(rows, protocols, data, len(train_part), len(test_part), severities))
     log(f"[report] wrote {out / 'report.md'}")
     return rows
+
+
+@torch.no_grad()
+def save_reconstructions(entry: Entry, dataset, path: Path, count: int = 6, seed: int = 0, device="cpu") -> Path:
+    """The method's rows (original | masked | reconstruction | ...) for the first `count` images, seeded masks."""
+    from mimkit.engine.logging import save_rows_grid
+    images = _first_images(dataset, entry.cfg.model.img_size, entry.mean, entry.std, count)
+    torch.manual_seed(seed)
+    rows = entry.method.eval().to(device).reconstruction_rows(images.to(device))
+    mean_t, std_t = (torch.tensor(v).view(1, -1, 1, 1) for v in (entry.mean, entry.std))
+    save_rows_grid(rows, mean_t, std_t, path, title=f"{entry.label}, mask seed {seed}")
+    return path
 
 
 def _feature_network_line(rows: list[dict]) -> list[str]:
