@@ -10,7 +10,8 @@ FLOPs per image counted with torch.utils.flop_counter over one whole step, `engi
 costlier than MAE gets fewer steps). Evaluation (`eval report`'s protocols, frozen encoder unless fine-tuned): k-NN
 (k=20), linear probe, attentive probe, end-to-end fine-tuning (configs/finetune/fmnist-tiny.yaml: layer decay,
 light mixup and RandAugment) for `--finetune-epochs`, each trained on
-`--train-limit` train images and measured on `--test-limit` test images, and reconstruction metrics (L1, PSNR, SSIM;
+`--train-limit` train images and measured on `--test-limit` test images (fine-tuning for the equal-epochs rows
+only: it costs more than all the probes together), and reconstruction metrics (L1, PSNR, SSIM;
 FID with `--fid-encoder`) on 500 test images with seeded masks. Reference rows: the same architecture at random init
 and raw pixels. Transfer: k-NN and linear probe of the frozen encoders on a second data set, by default scikit-learn's
 8x8 handwritten digits (1,797 images, enlarged to 28 px; split 1,297 train / 500 test; needs `pip install
@@ -45,6 +46,7 @@ RECIPES = {   # the method's name in the table -> its tiny recipe
     "CIM (ResPix, ViT)": "cim-respix_vit-mini_fmnist-tiny",
     "Perceptual MAE (LS-GAN-P)": "perceptual-mae-lsgan-p_vit-mini_fmnist-tiny",
 }
+FINETUNED = {"equal epochs": ("finetune",), "equal FLOPs": ()}   # fine-tuning costs most: once per method
 KEYS = {"mae": "MAE", "simmim": "SimMIM", "vision-electra": "Vision ELECTRA", "gan-mae": "GAN-MAE", "cae": "CAE",
         "cim": "CIM (ResPix, ViT)", "perceptual-mae": "Perceptual MAE (LS-GAN-P)"}
 
@@ -184,7 +186,7 @@ def main() -> None:
         row = {"method": n, "budget": budget, "steps": steps, "epochs": steps * args.batch / (args.train_images or 60000),
                "gflops": flops[n] / 1e9, "tflops": flops[n] * steps * args.batch / 1e12,
                "main": evaluate(str(run), out / "results" / key, "fashion-mnist",
-                                ("knn", "linear", "attentive", "finetune", "recon"), args)}
+                                ("knn", "linear", "attentive", "recon") + FINETUNED[budget], args)}
         if transfer:
             row["transfer"] = evaluate(str(run), out / "results" / f"{key}-transfer", transfer, ("knn", "linear"), args)
         rows.append(row)

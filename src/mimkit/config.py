@@ -86,7 +86,7 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 10
     ckpt_every: int = 500                   # RUN/last.pt
-    keep_every: int = 0                     # RUN/checkpoint-STEP.pt; 0 = only at the end
+    keep_every: int = 0                     # RUN/checkpoint-STEP.pt every N steps; 0 = none (last.pt only)
     sample_every: int = 500                 # RUN/samples/step-STEP.png; 0 = never
     nan_patience: int = 20                  # stop after this many non-finite steps in a row
     online_probe: str | None = None         # knn | linear | knn,linear: probe the encoder while pre-training
@@ -313,7 +313,7 @@ def validate_values(cfg: Config) -> None:
     _check(t.precision in ("auto", "bf16", "fp32"), "train.precision", t.precision, "auto, bf16 or fp32")
     _check(t.log_every >= 1, "train.log_every", t.log_every, "at least 1")
     _check(t.ckpt_every >= 1, "train.ckpt_every", t.ckpt_every, "at least 1 (--ckpt-every)")
-    _check(t.keep_every >= 0, "train.keep_every", t.keep_every, "0 (only at the end) or more")
+    _check(t.keep_every >= 0, "train.keep_every", t.keep_every, "0 (none: last.pt only) or more")
     _check(t.sample_every >= 0, "train.sample_every", t.sample_every, "0 (never) or more")
     _check(t.nan_patience >= 1, "train.nan_patience", t.nan_patience, "at least 1")
     probes = [p.strip() for p in (t.online_probe or "").split(",") if p.strip()]
