@@ -1,5 +1,6 @@
 """The demo: a plan in steps and counted FLOPs, a report after every stage, and a re-run that continues."""
 import json
+import re
 
 import pytest
 
@@ -33,6 +34,9 @@ def test_demo_reports_after_each_stage_and_a_rerun_continues(fmnist_small, tmp_p
 
     monkeypatch.setattr(demo, "pretrain", real)
     summary = demo.run_demo(tmp_path, steps=4, train_limit=300, overrides=overrides)
+    printed = capsys.readouterr().out
+    assert "stage 1/5: Vision ELECTRA, 4 steps (done)" in printed and "stage 2/5: MAE, 4 steps (equal steps) (done)" in printed
+    assert re.search(r"\[demo\]   stage 3/5: MAE, \d+ steps \(equal training FLOPs.*\) \(~[\d.]+ min\)\n", printed)
     assert load_checkpoint(tmp_path / "main" / "last.pt")["step"] == 4
     assert [json.loads(line)["step"] for line in (tmp_path / "main" / "metrics.jsonl").read_text().splitlines()
             ] == [2, 4]                                                 # not trained again

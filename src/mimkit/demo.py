@@ -71,19 +71,33 @@ def seconds_per_step(recipe: Path, device: str | None, overrides=(), steps: int 
         return statistics.median(r["step_s"] for r in read_metrics(Path(tmp))[1:] if "step_s" in r)
 
 
+def steps_done(run: Path) -> int:
+    """The step of RUN/last.pt (0 when there is none): what a re-run of the demo does not train again."""
+    path = run / "last.pt"
+    return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["step"]) if path.exists() else 0
+
+
 def run_demo(out: str | Path = "runs/demo", config: str | None = None, steps: int | None = None,
              train_limit: int | None = 5000, device: str | None = None, overrides=()) -> dict:
     """`overrides`: config overrides for every run (e.g. another data spec or model size)."""
     out = Path(out)
     steps = steps or DEFAULT_STEPS
     stages = plan(config, steps, overrides)
-    speeds = {recipe: seconds_per_step(recipe, device, overrides) for recipe in {s.recipe for s in stages if s.recipe}}
-    probe_s = 60.0 * (len(stages) - 1) * (train_limit or 60000) / 10000    # about a minute per encoder per 10k
-    estimates = [s.steps * speeds[s.recipe] if s.recipe else (probe_s if s.key == "probes" else 1.0) for s in stages]
+    left = {s.key: s.steps - steps_done(out / s.key) for s in stages if s.recipe}      # a re-run continues
+    speeds = {recipe: seconds_per_step(recipe, device, overrides)
+              for recipe in {s.recipe for s in stages if s.recipe and left[s.key] > 0}}
+    cache = out / "probes.json"
+    probes_left = len(stages) - 1 - (len(json.loads(cache.read_text())) if cache.exists() else 0)
+    probe_s = 60.0 * max(probes_left, 0) * (train_limit or 60000) / 10000   # about a minute per encoder per 10k
+    estimates = [left[s.key] * speeds.get(s.recipe, 0.0) if s.recipe else (probe_s if s.key == "probes" else 1.0)
+                 for s in stages]
     print(f"[demo] plan ({sum(estimates) / 60:.0f} min at the speed measured now; more if the machine gets busier):",
           flush=True)
     for i, (stage, eta) in enumerate(zip(stages, estimates), start=1):
-        print(f"[demo]   stage {i}/{len(stages)}: {stage.title} (~{eta / 60:.1f} min)", flush=True)
+        done = stage.recipe is not None and left[stage.key] < stage.steps
+        state = "done" if done and left[stage.key] <= 0 else f"~{eta / 60:.1f} min" + (
+            f", {left[stage.key]} steps left" if done else "")
+        print(f"[demo]   stage {i}/{len(stages)}: {stage.title} ({state})", flush=True)
     runs, results = [], {}
     for i, (stage, eta) in enumerate(zip(stages, estimates), start=1):
         print(f"[demo] stage {i}/{len(stages)}: {stage.title} (~{eta / 60:.1f} min)", flush=True)

@@ -432,12 +432,16 @@ class Trainer:
                 rows = self.method.reconstruction_rows(self.sample_images)
         self.method.train(was_training)
         return save_rows_grid(rows, self.mean, self.std, path,
-                              title=f"{self.out.name} ({self.cfg.method['name']}), step {step}")
+                              title=f"{self.picture_title}, step {step}")
 
     def save_loss_curves(self) -> Path | None:
         """RUN/loss-curves.png from metrics.jsonl (the whole run, resumed sessions included)."""
         rows = [row for row in read_metrics(self.out) if "loss" in row]
-        return save_loss_curves(rows, self.out / "loss-curves.png", f"{self.out.name} ({self.cfg.method['name']})")
+        return save_loss_curves(rows, self.out / "loss-curves.png", self.picture_title)
+
+    @property
+    def picture_title(self) -> str:
+        return f"{self.out.parent.name}/{self.out.name} ({self.cfg.method['name']})"
 
     # ------------------------------------------------------------------ checkpoints
     def _rng_state(self) -> dict:
