@@ -221,7 +221,7 @@ def test_tiny_gan_mae_learns_and_its_discriminator_beats_chance(fmnist_small, tm
     assert log[-1]["generator/loss_mae"] < 0.8 * log[0]["generator/loss_mae"]
     assert log[-1]["discriminator/acc_fake"] > 0.5 and log[-1]["discriminator/acc_real"] > 0.5, log[-1]
     grid = Image.open(tmp_path / "run/samples/final.png")
-    assert grid.mode == "RGB" and grid.size[1] == 4 * 84 + 5 * 2         # four rows, the last an RGB heat map
+    assert grid.mode == "RGB" and grid.size[1] == 20 + 4 * 84 + 5 * 2    # title band + four rows, the last an RGB heat map
     # the result is the shared backbone: `eval report` and export take the run like any other
     assert main(["eval", "report", str(tmp_path / "run"), "--out", str(tmp_path / "rep"), "--data", f"idx:{fmnist_small}",
                  "--train-limit", "300", "--test-limit", "100", "--severities", "5"]) == 0
