@@ -337,7 +337,7 @@ class Trainer:
         finished = stop_after is None or stop_after >= self.total_steps
         if finished and self.start_step < self.total_steps and self.dist.is_main and t.sample_every:
             self.save_samples(self.out / "samples" / "final.png", self.total_steps)
-        if self.dist.is_main and self.start_step < self.total_steps:
+        if self.dist.is_main and self.start_step < self.total_steps and t.sample_every:   # 0: no pictures
             self.save_loss_curves()
         if log is not None:
             log.close()

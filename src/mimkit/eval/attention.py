@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
 from mimkit.engine.logging import save_titled_grid
 
 

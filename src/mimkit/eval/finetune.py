@@ -42,8 +42,8 @@ class FinetuneConfig:
 
 
 def posterize_any_bits(img: Image.Image, bits_to_keep: int, **_) -> Image.Image:
-    """timm's posterize, also for 0 bits (the increasing variant at magnitude 10), which recent Pillow (13 here) refuses and
-    older Pillow turned into a black image; this keeps the older result."""
+    """timm's posterize, also for 0 bits (the increasing variant at magnitude 10), which recent Pillow (13 here)
+    refuses and older Pillow turned into a black image; this keeps the older result."""
     if bits_to_keep >= 8:
         return img
     return ImageOps.posterize(img, bits_to_keep) if bits_to_keep > 0 else Image.new(img.mode, img.size)
