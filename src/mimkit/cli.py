@@ -232,8 +232,9 @@ def run_tokenizer_command(args) -> None:
         print(json.dumps({"tokenizer": str(args.tokenizer), **result}))
     elif args.action == "show":
         from mimkit.tokenizers.evaluate import show_tokenizer
-        out = show_tokenizer(load_tokenizer(args.tokenizer), build_dataset(args.data, "test"), args.out,
-                             args.num_images, args.seed, args.ratio)
+        tokenizer = load_tokenizer(args.tokenizer)
+        out = show_tokenizer(tokenizer, build_dataset(args.data, "test"), args.out, args.num_images, args.seed,
+                             args.ratio, name=f"{type(tokenizer).__name__} {args.tokenizer}")
         print(json.dumps({"png": str(out)}))
     else:
         from mimkit.tokenizers.dalle import convert_dalle

@@ -64,7 +64,7 @@ def corrupt_tokens(tokenizer: Tokenizer, images: torch.Tensor, ratio: float = 0.
 
 @torch.no_grad()
 def show_tokenizer(tokenizer: Tokenizer, dataset, out: str | Path, num_images: int = 8, seed: int = 0,
-                   ratio: float = 0.5) -> Path:
+                   ratio: float = 0.5, name: str = "") -> Path:
     from mimkit.engine.logging import save_rows_grid
     tokenizer = tokenizer.cpu().eval()
     step = max(1, len(dataset) // num_images)
@@ -75,5 +75,5 @@ def show_tokenizer(tokenizer: Tokenizer, dataset, out: str | Path, num_images: i
             (f"{int(ratio * 100)} % tokens resampled", tokenizer.decode(corrupted).clamp(0, 1))]
     zero, one = torch.zeros(1, x.shape[1], 1, 1), torch.ones(1, x.shape[1], 1, 1)
     out = Path(out)
-    save_rows_grid(rows, zero, one, out, title=f"{type(tokenizer).__name__}: {len(x)} test images, seed {seed}")
+    save_rows_grid(rows, zero, one, out, title=f"{name or type(tokenizer).__name__}: {len(x)} test images, seed {seed}")
     return out
