@@ -19,7 +19,8 @@ scikit-learn`), normalised with the pre-training statistics.
 
 CAE's targets come from the tiny dVAE tokenizer its recipe names (`runs/dvae-fmnist-tiny/last.pt`, relative to the
 working directory); when it is missing it is trained first (2 epochs, ~24 min on one CPU core).
-Everything lands in OUT: runs (resumable), per-row results (`results/*.json`, re-used on a re-run), and `table.md`.
+Everything lands in OUT: runs (resumable), per-row results (`results/*.json`, re-used on a re-run), and `table.md`
+(rewritten after every row; `--table-only` writes it from the results kept so far, rows not run yet "pending").
 """
 from __future__ import annotations
 
@@ -137,6 +138,10 @@ def table(rows: list[dict], args, transfer_name: str | None) -> str:
              "reconstruction metrics on 500 test images with seeded masks.", "",
              "| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     for r in rows:
+        if r.get("pending"):
+            lines.append(f"| {r['method']} | {r['budget']} | {r.get('steps', '')} | {cell(r.get('epochs'), 2)} | "
+                         f"{cell(r.get('gflops'), 3)} | {cell(r.get('tflops'), 2)} | pending |" + " |" * (len(head) - 7))
+            continue
         m, t, recon = r.get("main", {}), r.get("transfer", {}), r.get("main", {}).get("recon") or {}
         ft = (m.get("finetune") or {}).get("best_top1")
         cells = [r["method"], r["budget"], str(r.get("steps", "")), cell(r.get("epochs"), 2),
@@ -161,6 +166,8 @@ def main() -> None:
     parser.add_argument("--fid-encoder", default=None, help="a FID feature encoder (see `mimkit eval report`)")
     parser.add_argument("--device", default=None)
     parser.add_argument("--out", default="runs/fmnist-table")
+    parser.add_argument("--table-only", action="store_true",
+                        help="write OUT/table.md from the results kept so far; rows not run yet say 'pending'")
     args = parser.parse_args()
     out = Path(args.out)
     names = [KEYS[k.strip()] for k in args.methods.split(",")]
@@ -178,33 +185,45 @@ def main() -> None:
     print("plan:", ", ".join(f"{n} {b} {s} steps" for n, b, s in plan), flush=True)
     rows = []
     start = time.time()
+
+    def write(final: bool) -> None:         # after every row, so an interrupted run leaves what it finished
+        text = table(rows, args, transfer_name)
+        (out / "table.md").write_text(text)
+        (out / "table.json").write_text(json.dumps(rows, indent=2, default=float))
+        if final:
+            print(text + f"\nwrote {out / 'table.md'} ({time.time() - start:.0f} s)", flush=True)
+
+    first = out / "runs" / f"{RECIPES['MAE']}-{epoch_steps}"
     for n, budget, steps in plan:
-        run = out / "runs" / f"{RECIPES[n]}-{steps}"
+        run, key = out / "runs" / f"{RECIPES[n]}-{steps}", f"{RECIPES[n]}-{steps}"
+        row = {"method": n, "budget": budget, "steps": steps, "epochs": steps * args.batch / (args.train_images or 60000),
+               "gflops": flops[n] / 1e9, "tflops": flops[n] * steps * args.batch / 1e12}
+        if args.table_only and not (out / "results" / f"{key}.json").exists():
+            rows.append({**row, "pending": True})
+            continue
         print(f"[table] {n}, {budget}: {steps} steps ({time.time() - start:.0f} s so far)", flush=True)
         pretrain(RECIPES[n], run, steps, overrides, args.device)
-        key = f"{RECIPES[n]}-{steps}"
-        row = {"method": n, "budget": budget, "steps": steps, "epochs": steps * args.batch / (args.train_images or 60000),
-               "gflops": flops[n] / 1e9, "tflops": flops[n] * steps * args.batch / 1e12,
-               "main": evaluate(str(run), out / "results" / key, "fashion-mnist",
-                                ("knn", "linear", "attentive", "recon") + FINETUNED[budget], args)}
+        row["main"] = evaluate(str(run), out / "results" / key, "fashion-mnist",
+                               ("knn", "linear", "attentive", "recon") + FINETUNED[budget], args)
         if transfer:
             row["transfer"] = evaluate(str(run), out / "results" / f"{key}-transfer", transfer, ("knn", "linear"), args)
         rows.append(row)
-    first = out / "runs" / f"{RECIPES['MAE']}-{epoch_steps}"
-    reference = {"method": "random init (same ViT-mini)", "budget": "none",
-                 "main": evaluate(f"random:{first}", out / "results" / "random-init", "fashion-mnist",
-                                  ("knn", "linear", "attentive", "finetune"), args)}
+        write(final=False)
+    reference = {"method": "random init (same ViT-mini)", "budget": "none"}
+    if args.table_only and not (out / "results" / "random-init.json").exists():
+        reference["pending"] = True
+    else:
+        reference["main"] = evaluate(f"random:{first}", out / "results" / "random-init", "fashion-mnist",
+                                     ("knn", "linear", "attentive", "finetune"), args)
+        if transfer:
+            reference["transfer"] = evaluate(f"random:{first}", out / "results" / "random-init-transfer", transfer,
+                                             ("knn", "linear"), args)
     stats = torch.load(first / "last.pt", weights_only=True, mmap=True)["data_stats"]
     pixels = {"method": "raw pixels", "budget": "none", "main": raw_pixels("fashion-mnist", args, stats["mean"], stats["std"])}
     if transfer:
-        reference["transfer"] = evaluate(f"random:{first}", out / "results" / "random-init-transfer", transfer,
-                                         ("knn", "linear"), args)
         pixels["transfer"] = raw_pixels(transfer, args, stats["mean"], stats["std"])
     rows += [reference, pixels]
-    text = table(rows, args, transfer_name)
-    (out / "table.md").write_text(text)
-    (out / "table.json").write_text(json.dumps(rows, indent=2, default=float))
-    print(text + f"\nwrote {out / 'table.md'} ({time.time() - start:.0f} s)", flush=True)
+    write(final=True)
 
 
 if __name__ == "__main__":
