@@ -112,6 +112,18 @@ def test_fid_encoder_measures_images_of_another_size_resized_to_its_own():
     assert torch.allclose(net(big), expected, atol=1e-5) and torch.allclose(net(small), expected, atol=1e-5)
 
 
+def test_reconstruction_metrics_say_why_a_method_without_a_reconstruction_is_not_measured(fmnist_small):
+    """CIM's rows are corrupted samples and an enhancer output; `eval recon` / the report used to stop with KeyError."""
+    class Corrupter(torch.nn.Module):
+        def reconstruction_rows(self, images):
+            return [("original", images), ("corrupted 1", images.flip(-1)), ("enhancer output", images)]
+
+    test = build_dataset(f"idx:{fmnist_small}", "test")
+    m = reconstruction_metrics(Corrupter(), test, [28, 28], [0.286], [0.353], num_images=16)
+    assert m["l1"] is None and m["psnr"] is None and m["fid"] is None
+    assert "no reconstruction" in m["not_measured"] and "enhancer output" in m["not_measured"]
+
+
 def test_reconstruction_metrics_of_a_run_are_seeded_and_imperfect(mae_run, fmnist_small):
     from mimkit.engine.checkpoint import load_checkpoint
     from mimkit.export import method_from_checkpoint

@@ -69,6 +69,11 @@ def reconstruction_metrics(method, dataset, img_size, mean, std, num_images: int
             x = images.to(device)
             x = to_unit_float(x)
             rows = dict(method.reconstruction_rows((x - mean_t) / std_t))
+            if "reconstruction" not in rows:      # CIM: corrupted samples and an enhancer output, no reconstruction
+                return {"l1": None, "psnr": None, "ssim": None, "ms_ssim": None, "fid": None, "inception_score": None,
+                        "num_images": 0, "feature_network": feature_net,
+                        "not_measured": f"the method makes no reconstruction of the masked image (its picture rows: "
+                                        f"{', '.join(rows)})"}
             recon = (rows["reconstruction"].float() * std_t + mean_t).clamp(0, 1)
             x = x.clamp(0, 1)
             l1_sum += (recon - x).abs().mean(dim=(1, 2, 3)).sum().item()
