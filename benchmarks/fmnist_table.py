@@ -35,6 +35,7 @@ import torch
 
 from mimkit.config import load_config
 from mimkit.data.datasets import read_idx, resolve_spec, write_idx
+from mimkit.demo import steps_done
 from mimkit.engine.cost import flops_per_image
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -94,7 +95,7 @@ def pretrain(recipe: str, out: Path, steps: int, overrides: list[str], device: s
         print(f"[table] training the tokenizer {tokenizer} first (configs/tokenizer/dvae_fmnist-tiny.yaml)", flush=True)
         Trainer(load_config(CONFIGS / "tokenizer" / "dvae_fmnist-tiny.yaml"), tokenizer.parent, resume=True,
                 device=device).train()
-    if not (out / "last.pt").exists() or torch.load(out / "last.pt", weights_only=True, mmap=True)["step"] < steps:
+    if steps_done(out) < steps:
         Trainer(cfg, out, resume=True, device=device).train()
     return out
 
