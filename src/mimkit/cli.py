@@ -129,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     tt.add_argument("--resume", action="store_true")
     tt.add_argument("--device", default=None)
     tt.add_argument("overrides", nargs="*", help="key=value config overrides")
-    tt.set_defaults(init=None)
+    tt.set_defaults(init=None, online_probe=None, probe_data=None)   # pretrain's options a tokenizer run has not
     te = tsub.add_parser("eval", help="reconstruction PSNR/SSIM, codebook usage and perplexity (one JSON line)")
     te.add_argument("--tokenizer", required=True, help="RUN, RUN/last.pt or T.safetensors")
     te.add_argument("--data", default="fashion-mnist")
@@ -376,8 +376,22 @@ def default_device(requested):
     return choose(requested)
 
 
+def parse_args(argv: list[str] | None = None, parser: argparse.ArgumentParser | None = None) -> argparse.Namespace:
+    """The parser's namespace, with `key=value` overrides accepted anywhere among a sub-command's options
+    (`--config X a=1 --out Y b=2`): argparse takes the first run of them as the positional and leaves later
+    ones over; those join the overrides in order, so a later one still wins."""
+    parser = parser or build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if rest:
+        overrides = [item for item in rest if "=" in item and not item.startswith("-")]
+        if len(overrides) < len(rest) or not isinstance(getattr(args, "overrides", None), list):
+            parser.error(f"unrecognized arguments: {' '.join(rest)}")
+        args.overrides = args.overrides + overrides
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     from mimkit.config import ConfigError
     from mimkit.data import DataError
     from mimkit.engine.checkpoint import CheckpointError

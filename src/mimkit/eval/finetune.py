@@ -93,6 +93,9 @@ def finetune_param_groups(model: torch.nn.Module, cfg: FinetuneConfig) -> list[d
 
 def finetune(model: torch.nn.Module, train_set, test_set, img_size, mean, std, cfg: FinetuneConfig,
              device: str | torch.device = "cpu", log=print) -> dict:
+    if len(train_set) < cfg.batch_size:   # every batch is full (drop_last): a smaller set would train no step
+        raise ValueError(f"fine-tuning on {len(train_set)} train images cannot fill one batch of {cfg.batch_size}; "
+                         f"use more images (--train-limit) or a smaller batch (--set batch_size={max(1, len(train_set))})")
     device = torch.device(device)
     torch.manual_seed(cfg.seed)
     model.to(device)
