@@ -49,7 +49,7 @@ def test_token_map_covers_coarser_and_finer_feature_maps():
 
 def test_resnet_revdet_cell_predicts_its_tokens(tokenizer_8x8):
     """A 4x4 map against an 8x8 token grid: each cell's 4 logits land on its 2x2 tokens; the loss is the BCE."""
-    method = build(CIM_RESNET + ["method.objective=revdet", "model.img_size=[32,32]", "method.sampling=uniform",
+    method = build(CIM_RESNET + ["method.objective=revdet", "model.img_size=[32,32]", "model.patch_size=4", "method.sampling=uniform",
                                  f"tokenizer.path={tokenizer_8x8}"])
     assert (method.map_grid, method.token_grid, method.tokens_per_cell) == ((4, 4), (8, 8), 2)
     assert method.head.out_features == 4 and method.generator.backbone.patch_size == (4, 4)
@@ -71,7 +71,7 @@ def test_resnet_revdet_cell_predicts_its_tokens(tokenizer_8x8):
 
 
 def test_resnet_respix_cell_predicts_its_pixels(tiny_tokenizer):
-    method = build(CIM_RESNET + ["model.img_size=[56,56]", "method.sampling=argmax", f"tokenizer.path={tiny_tokenizer}"])
+    method = build(CIM_RESNET + ["model.img_size=[56,56]", "model.patch_size=8", "method.sampling=argmax", f"tokenizer.path={tiny_tokenizer}"])
     assert (method.map_grid, method.cell, method.token_grid) == ((7, 7), (8, 8), (7, 7))
     method.eval()
     images = torch.randn(2, 1, 56, 56)
@@ -135,7 +135,8 @@ def test_pretrain_then_freeze_trains_one_side_at_a_time(tiny_tokenizer):
     (["method.name=mae", "model.arch=resnet", "model.pool=mean"], "method mae pre-trains model.arch=vit, not 'resnet'"),
     (CIM_RESNET + ["model.img_size=[60,60]"], "must be a multiple of model.output_stride=8"),
     (CIM_RESNET + ["model.img_size=[56,56]", "method.share_layers=2"], "needs a ViT enhancer and the BEiT generator"),
-    (CIM_RESNET + ["model.img_size=[56,56]", "model.pool=cls"], "mean for a ResNet"),
+    (CIM_RESNET + ["model.img_size=[56,56]", "model.patch_size=8", "model.pool=cls"], "mean for a ResNet"),
+    (CIM_RESNET + ["model.img_size=[56,56]"], "model.patch_size=16 \\(with a ResNet enhancer: the generator's patch"),
     (CIM_MAE_GEN + ["method.masking=block"], "method.generator=mae needs method.masking=random"),
     (["method.name=cim", "method.generator_training=pretrain_then_freeze", "method.share_layers=2"],
      "cannot share layers"),
@@ -149,7 +150,7 @@ def test_variant_option_errors_are_one_sentence(overrides, sentence):
 def test_tiny_resnet_cim_resumes_exactly_exports_and_probes(fmnist_small, tmp_path, tiny_tokenizer):
     from mimkit.eval.encoders import probe_subject
     from mimkit.eval.features import embed
-    cfg = load_config(None, CIM_RESNET + ["method.objective=revdet", "model.img_size=[56,56]",
+    cfg = load_config(None, CIM_RESNET + ["method.objective=revdet", "model.img_size=[56,56]", "model.patch_size=8",
                                           f"tokenizer.path={tiny_tokenizer}", f"data.spec=idx:{fmnist_small}",
                                           "data.batch_size=8", "data.num_workers=0", "optim.base_lr=2e-3",
                                           "optim.warmup_epochs=0", "train.log_every=1", "train.ckpt_every=1000",

@@ -209,7 +209,7 @@ class TokenPredictor(Method):
     def forward(self, images, stage="model", carry=None):
         self.modes.append(self.tokenizer.training)
         with torch.no_grad():
-            target = self.tokenizer.encode(self.to_pixels(images))                    # [B, h, w]
+            target = self.token_ids(images)                                         # [B, h*w]
         patches = F.unfold(images, self.patch, stride=self.patch).transpose(1, 2)     # [B, L, p*p*C]
         loss = F.cross_entropy(self.head(patches).flatten(0, 1), target.flatten())
         return {"loss": loss, "parts": {"loss_ce": loss}}
@@ -249,8 +249,13 @@ def test_tokenizer_misuse_is_one_sentence(tiny_tokenizer_file, fmnist_small, tmp
 
     def base(data):
         return ["pretrain", "--config", str(recipe), "--out", str(tmp_path / "r"), "--data", data]
-    err = error_of(capsys, base(f"idx:{fmnist_small}") + [f"tokenizer.path={tiny_tokenizer_file}", "model.patch_size=7"])
-    assert "7x7 token grid" in err and "patch grid is 4x4" in err
+    err = error_of(capsys, base(f"idx:{fmnist_small}") + [f"tokenizer.path={tiny_tokenizer_file}", "model.patch_size=7",
+                                                          "tokenizer.input_size=[28,28]"])
+    assert "7x7 token grid at tokenizer.input_size=[28, 28]" in err and "predicts on a 4x4 grid" in err
+    assert "set tokenizer.input_size=[16,16]" in err
+    err = error_of(capsys, base(f"idx:{fmnist_small}") + [f"tokenizer.path={tiny_tokenizer_file}",
+                                                          "tokenizer.input_size=[30,30]"])
+    assert "not a multiple of the tokenizer's down-sampling (4)" in err
     err = error_of(capsys, base(f"idx:{fmnist_small}") + [f"tokenizer.path={tmp_path / 'missing.pt'}"])
     assert "tokenizer file" in err and "does not exist" in err
     rgb = tmp_path / "rgb"

@@ -99,6 +99,8 @@ class TrainConfig:
 @dataclass
 class TokenizerConfig:
     path: str | None = None                 # RUN/last.pt of `mimkit tokenizer train`, or a tokenizer .safetensors
+    input_size: list | None = None          # [H, W] px the method feeds it (None: the size whose token grid is the
+                                            # grid the method predicts on, e.g. 112 for DALL-E under a 224 px ViT-B/16)
 
 
 @dataclass
@@ -275,6 +277,13 @@ def validate_values(cfg: Config) -> None:
         value = getattr(m, key)
         _check(value is None or value >= 1, f"model.{key}", value, "a positive integer or null")
     _check(0 <= m.drop_path < 1, "model.drop_path", m.drop_path, "in [0, 1)")
+    size = cfg.tokenizer.input_size
+    if size is not None:
+        size = size if isinstance(size, list) else [size, size]
+        _check(len(size) == 2 and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in size),
+               "tokenizer.input_size", cfg.tokenizer.input_size, "a positive [height, width] in pixels or null (the "
+               "size whose token grid is the model's patch grid)")
+        cfg.tokenizer.input_size = list(size)
     _check(d.channels is None or d.channels >= 1, "data.channels", d.channels, "a positive integer or null")
     _check(d.batch_size >= 1, "data.batch_size", d.batch_size, "at least 1")
     _check(d.num_workers >= 0, "data.num_workers", d.num_workers, "0 or more")

@@ -92,13 +92,14 @@ def file_sha256(path: str | Path) -> str:
 
 
 def frozen_sources(method) -> dict:
-    """{part: {"path", "sha256", "settings"}} for a method's frozen parts, stored in run checkpoints instead of the
-    weights (settings: what a tokenizer reports of its architecture)."""
+    """{part: {"path", "sha256", "settings", ...}} for a method's frozen parts, stored in run checkpoints instead of
+    the weights (settings: what a tokenizer reports of its architecture; then how the method uses it, e.g. a
+    tokenizer's input_size and token_grid)."""
     out = {}
     for name, path in method.frozen_parts.items():
         settings = getattr(getattr(method, name), "settings", None)
         out[name] = {"path": path, "sha256": file_sha256(Path(path) / "last.pt" if Path(path).is_dir() else path),
-                     **({"settings": settings()} if callable(settings) else {})}
+                     **({"settings": settings()} if callable(settings) else {}), **method.frozen_use(name)}
     return out
 
 

@@ -116,6 +116,11 @@ class Trainer:
                     p.requires_grad_(name in trainable)
         D.broadcast_module(self.method)
         self.frozen = frozen_sources(self.method)   # hashed once: a tokenizer file can be large
+        for name, source in self.frozen.items():
+            if "token_grid" in source:
+                (h, w), (gh, gw) = source["input_size"], source["token_grid"]
+                self._print(f"{name}: {source['path']} (sha256 {source['sha256'][:12]}), fed {h}x{w} px -> {gh}x{gw} "
+                            f"tokens (tokenizer.input_size)")
 
         self.global_batch = cfg.data.batch_size * t.accum_steps * self.dist.world_size
         micro_per_epoch = self._micro_per_epoch()

@@ -96,15 +96,21 @@ class Method(nn.Module):
         setattr(self, name, module)
         return module
 
-    def attach_tokenizer(self, cfg, in_chans: int, patch_grid: tuple[int, int] | None):
-        """The frozen tokenizer `tokenizer.path` names, checked against the data's channels and the model's
-        patch grid (one sentence each; None: the caller checks the grid), registered as the frozen part `tokenizer`."""
+    def attach_tokenizer(self, cfg, in_chans: int, grid: tuple[int, int] | None):
+        """The frozen tokenizer `tokenizer.path` names, registered as the frozen part `tokenizer`, with the size it
+        is fed (`tokenizer.input_size`, default: the size whose token grid is `grid`, the grid the method predicts
+        on; None: the tokenizer's own training size, else the model's), checked against the data's channels and
+        that grid (one sentence each). The size and token grid are stored beside the file's hash in checkpoints."""
         from mimkit.tokenizers import load_tokenizer
         if not cfg.tokenizer.path:
             raise ValueError(f"{type(self).__name__} needs a tokenizer: set tokenizer.path=RUN/last.pt (from 'mimkit "
                              f"tokenizer train') or a tokenizer .safetensors file")
         tokenizer = load_tokenizer(cfg.tokenizer.path)
-        tokenizer.check_fits(in_chans, tokenizer.img_size or cfg.model.img_size, patch_grid)
+        size = tokenizer.input_size_for(grid, cfg.tokenizer.input_size, cfg.model.img_size)
+        tokenizer.check_fits(in_chans, size, grid)
+        self.tokenizer_size, self.tokenizer_grid = tuple(size), tuple(tokenizer.grid_for(size))
+        self.__dict__.setdefault("_frozen_use", {})["tokenizer"] = {"input_size": list(size),
+                                                                    "token_grid": list(self.tokenizer_grid)}
         return self.register_frozen("tokenizer", tokenizer, cfg.tokenizer.path)
 
     def token_ids(self, images: torch.Tensor) -> torch.Tensor:
@@ -115,19 +121,22 @@ class Method(nn.Module):
 
     def tokenizer_input(self, pixels: torch.Tensor) -> torch.Tensor:
         """[0, 1] pixels resized to the tokenizer's input size (bicubic, antialiased; differentiable)."""
-        size = tuple(self.tokenizer.img_size or pixels.shape[-2:])
-        if tuple(pixels.shape[-2:]) == size:
+        if tuple(pixels.shape[-2:]) == self.tokenizer_size:
             return pixels
-        return torch.nn.functional.interpolate(pixels, size=size, mode="bicubic", antialias=True, align_corners=False)
+        return torch.nn.functional.interpolate(pixels, size=self.tokenizer_size, mode="bicubic", antialias=True,
+                                               align_corners=False)
 
     def images_from_ids(self, ids: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """The frozen tokenizer's decoding of ids [B, h*w], resized to `like`'s size and normalised as `like`."""
-        grid = self.tokenizer.grid_for(self.tokenizer.img_size or like.shape[-2:])
         with torch.no_grad():
-            decoded = self.tokenizer.decode(ids.view(-1, *grid)).float()
+            decoded = self.tokenizer.decode(ids.view(-1, *self.tokenizer_grid)).float()
         if tuple(decoded.shape[-2:]) != tuple(like.shape[-2:]):
             decoded = torch.nn.functional.interpolate(decoded, size=like.shape[-2:], mode="bilinear", antialias=True)
         return self.from_pixels(decoded.clamp(0, 1)).to(like.dtype)
+
+    def frozen_use(self, name: str) -> dict:
+        """How the method uses a frozen part (a tokenizer: the size it is fed and its token grid)."""
+        return dict(self.__dict__.get("_frozen_use", {}).get(name, {}))
 
     @property
     def frozen_parts(self) -> dict[str, str]:

@@ -18,8 +18,9 @@ shared/papers/004_5e6749e9a4eebf02.txt, Sec. 3, Appendix A; Tables 1, 2, 5, 6).
   position embeddings; no visible token), LayerNorm, a linear layer to the target. `method.decoder=false`
   (Table 2): that linear layer alone, on Z_m.
 - Targets (Sec. 3.2): `target=tokens` (default): the frozen tokenizer's ids of the masked patches,
-  cross-entropy; the tokenizer sees the image resized to its own input size (official: a second 112 px crop
-  with Lanczos; here the same crop resized with bicubic antialiasing, as torch has no Lanczos). `target=pixels`
+  cross-entropy; the tokenizer sees the image resized to `tokenizer.input_size`, by default the size whose
+  token grid is the patch grid (DALL-E under ViT-B/16 at 224 px: 112 px; official: a second 112 px crop with
+  Lanczos; here the same crop resized with bicubic antialiasing, as torch has no Lanczos). `target=pixels`
   (option): MSE on per-patch normalised pixels (`norm_pix_loss`). Loss l_y + lambda l_z, lambda = 2
   (`alignment_weight`); `method.alignment=false` (Table 2) removes l_z and its forward pass.
 - Masking (Sec. 3.2): BEiT's block-wise masking of exactly round(0.5 L) patches (98 of 196), minimum block 16

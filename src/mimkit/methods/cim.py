@@ -5,8 +5,9 @@ mimkit's is the reference, and every choice the paper leaves open is written her
 - Generator (Sec. 2.1, A.3 Eq. 1-2): `generators.BEiTGenerator`, a small vanilla ViT of `generator_depth` (4-6)
   blocks, as wide as a ViT enhancer or 384 wide for a ResNet enhancer (Table 13; `generator_width`,
   `generator_heads` override), trained on BEiT's loss: cross-entropy of the golden ids (the frozen tokenizer on the
-  uncorrupted image) at the masked positions. Its patch grid is the tokenizer's token grid (a ResNet enhancer's
-  generator uses patches of image size / token grid). Masking: `masking=random` (Eq. 1, the paper's default) or
+  uncorrupted image) at the masked positions. Its patch grid is the tokenizer's token grid: the ViT enhancer's
+  patch grid, or with a ResNet enhancer the grid `model.patch_size` declares (224 / 16 = 14x14, Table 13). The
+  tokenizer is fed the size giving that grid (`tokenizer.input_size`; DALL-E's: 112 px, "following BEiT"). Masking: `masking=random` (Eq. 1, the paper's default) or
   `block` (Table 4), `mask_ratio` 0.55 by default (the paper: 100-120 of 196 patches; 108 here).
 - Corruption (Eq. 2): replacements sampled at every masked position (`sampling=softmax` at temperature 1, or
   `argmax` / `uniform`, Table 7); corrupted ids = golden ids with the samples at the masked positions; the frozen
@@ -137,6 +138,9 @@ class CIM(Method):
         if m.arch == "resnet" and any(side % m.output_stride for side in m.img_size):
             raise ValueError(f"model.img_size={m.img_size} must be a multiple of model.output_stride="
                              f"{m.output_stride} for CIM's ResNet head (each map cell predicts its pixels)")
+        if m.arch == "resnet" and any(side % m.patch_size for side in m.img_size):
+            raise ValueError(f"model.patch_size={m.patch_size} (with a ResNet enhancer: the generator's patch, so the "
+                             f"token grid is model.img_size / model.patch_size) must divide model.img_size={m.img_size}")
         width, heads = cls.generator_shape(cfg, opts)
         if width % heads:
             raise ValueError(f"method.generator_width={width} must be a multiple of method.generator_heads={heads}")
@@ -166,8 +170,9 @@ class CIM(Method):
         self.cell = (img_size[0] // self.map_grid[0], img_size[1] // self.map_grid[1])   # pixels each one covers
         width, heads = self.generator_shape(cfg, o)
         if o.generator == "beit":
-            tokenizer = self.attach_tokenizer(cfg, in_chans, self.enhancer.grid if arch == "vit" else None)
-            self.token_grid = tuple(tokenizer.grid_for(tokenizer.img_size or img_size))
+            declared = (img_size[0] // cfg.model.patch_size, img_size[1] // cfg.model.patch_size)
+            tokenizer = self.attach_tokenizer(cfg, in_chans, self.enhancer.grid if arch == "vit" else declared)
+            self.token_grid = self.tokenizer_grid
             gen_cfg = self.generator_model_cfg(cfg, img_size, self.token_grid)
             self.generator = BEiTGenerator(gen_cfg, in_chans, tokenizer.vocab_size, o.generator_depth, width, heads)
         else:

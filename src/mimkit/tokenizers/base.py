@@ -48,14 +48,29 @@ class Tokenizer(nn.Module):
                              f"{h}x{w}; feed it images whose sides are multiples of {self.downsample}")
         return h // self.downsample, w // self.downsample
 
-    def check_fits(self, in_chans: int, img_size, patch_grid: tuple[int, int] | None) -> None:
-        """A method's images and patch grid must match the tokenizer's channels and token grid."""
+    def input_size_for(self, grid: tuple[int, int] | None, requested=None, fallback=None) -> list[int]:
+        """The size a method feeds this tokenizer: `requested` (tokenizer.input_size) when set; else the size
+        whose token grid is `grid`, the grid the method predicts on (DALL-E under a 224 px ViT-B/16: 14x14 ->
+        112 px, as BEiT, CIM and CAE feed it); with no such grid, the size it was trained at, else `fallback`."""
+        if requested is not None:
+            return list(requested)
+        if grid is not None:
+            return [grid[0] * self.downsample, grid[1] * self.downsample]
+        return list(self.img_size or fallback)
+
+    def check_fits(self, in_chans: int, input_size, patch_grid: tuple[int, int] | None) -> None:
+        """A method's images and patch grid must match the tokenizer's channels and, at `input_size`, its token grid."""
         if in_chans != self.in_chans:
             raise ValueError(f"the tokenizer was trained on {self.in_chans}-channel images but the data has "
                              f"{in_chans} channels; train a tokenizer on this data (mimkit tokenizer train)")
-        grid = self.grid_for(img_size)
+        h, w = input_size
+        if h % self.downsample or w % self.downsample:
+            raise ValueError(f"tokenizer.input_size={list(input_size)} is not a multiple of the tokenizer's "
+                             f"down-sampling ({self.downsample}); set tokenizer.input_size to a multiple of it, or to "
+                             f"null for the size that matches the model's patch grid")
+        grid = self.grid_for(input_size)
         if patch_grid is not None and tuple(grid) != tuple(patch_grid):
-            raise ValueError(f"the tokenizer gives a {grid[0]}x{grid[1]} token grid for {list(img_size)} px images "
-                             f"but the model's patch grid is {patch_grid[0]}x{patch_grid[1]}; use a tokenizer that "
-                             f"down-samples by model.patch_size, or feed it images of "
-                             f"{patch_grid[0] * self.downsample}x{patch_grid[1] * self.downsample} px")
+            raise ValueError(f"the tokenizer gives a {grid[0]}x{grid[1]} token grid at tokenizer.input_size="
+                             f"{list(input_size)} but the model predicts on a {patch_grid[0]}x{patch_grid[1]} grid; set "
+                             f"tokenizer.input_size=[{patch_grid[0] * self.downsample},{patch_grid[1] * self.downsample}] "
+                             f"(or null, which picks it)")
