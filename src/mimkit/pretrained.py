@@ -32,6 +32,8 @@ class Part:
     state: dict
     required: bool = True
     prefixes: tuple[str, ...] | None = None   # only the module's keys that start with these belong to the part
+    reshaped_ok: tuple[str, ...] = ()         # keys (prefixes) a file may hold in another shape: left at init, named
+                                              # (e.g. a head for another vocabulary or target)
 
 
 def load_parts(parts: list[Part], source: str) -> str:
@@ -48,6 +50,9 @@ def load_parts(parts: list[Part], source: str) -> str:
         extra = sorted(k for k in part.state if k not in own)
         if extra:
             raise CheckpointMismatch(_extra_sentence(part.name, extra, source))
+        reshaped = {k: (list(v.shape), list(own[k].shape)) for k, v in part.state.items()
+                    if part.reshaped_ok and k.startswith(part.reshaped_ok) and v.shape != own[k].shape}
+        part.state = {k: v for k, v in part.state.items() if k not in reshaped}
         for key, value in part.state.items():
             if tuple(own[key].shape) != tuple(value.shape):
                 raise CheckpointMismatch(mismatch_sentence(key, tuple(value.shape), tuple(own[key].shape), source))
@@ -55,10 +60,13 @@ def load_parts(parts: list[Part], source: str) -> str:
             raise CheckpointMismatch(f"{source} holds no weights for the {part.name}; it is not a checkpoint of "
                                      f"this kind of model (MAE, SimMIM or a mimkit run), or point the option at one")
         part.module.load_state_dict(part.state, strict=False)
-        left = [k for k in own if k not in part.state]
+        left = [k for k in own if k not in part.state and k not in reshaped]
         line = f"{part.name}: {len(part.state)}/{len(own)} tensors loaded"
         if left:
             line += f", left at init: {', '.join(left[:4])}{' ...' if len(left) > 4 else ''}"
+        if reshaped:
+            shapes = ", ".join(f"{k} {theirs} there, {ours} here" for k, (theirs, ours) in reshaped.items())
+            line += f", left at init (another shape in the file): {shapes}"
         if isinstance(part.module, ViTBackbone) and "model.pos_embed" in part.state and learn_loaded_positions(part.module):
             line += " (its position table is learnt: trainable)"
         lines.append(line)

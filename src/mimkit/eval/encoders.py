@@ -9,7 +9,7 @@ import torch
 from mimkit.config import load_config
 from mimkit.engine.checkpoint import CheckpointError, load_checkpoint
 from mimkit.export import export_metadata, load_encoder, method_from_checkpoint
-from mimkit.methods import build_method
+from mimkit.methods import build_for_encoder
 
 
 @dataclass
@@ -51,7 +51,7 @@ def probe_subject(ckpt: str | None = None, config: str | None = None, init: str 
                               "--config X.yaml with --init FILE or --random-init, or --raw-pixels")
     cfg = load_config(config, overrides)
     torch.manual_seed(seed)
-    method = build_method(cfg, in_chans)
+    method = build_for_encoder(cfg, in_chans)
     description = f"random init ({cfg.model.arch}-{cfg.model.size}, seed {seed})"
     if init:
         from mimkit.engine.trainer import load_init

@@ -16,8 +16,19 @@ METHODS: dict[str, type[Method]] = {"mae": MAE, "simmim": SimMIM, "vision_electr
 TOKENIZER_METHODS = ("dvae", "vqvae")
 
 __all__ = ["METHODS", "TOKENIZER_METHODS", "Method", "Stage", "CheckpointMismatch", "MAE", "SimMIM", "VisionElectra",
-           "GANMAE", "CAE", "CIM", "PerceptualMAE", "build_method"]
+           "GANMAE", "CAE", "CIM", "PerceptualMAE", "build_method", "build_for_encoder"]
 
 
 def build_method(cfg, in_chans: int) -> Method:
     return METHODS[cfg.method.get("name", "mae")](cfg, in_chans)
+
+
+def build_for_encoder(cfg, in_chans: int) -> Method:
+    """The method with the same encoder but no frozen parts (`Method.encoder_only_options`): what probing or
+    fine-tuning weights with `--config` builds, so a recipe's tokenizer file need not exist."""
+    from mimkit.config import config_from_dict
+    name = cfg.method.get("name", "mae")
+    data = cfg.to_dict()
+    data["method"] = {"name": name, **METHODS[name].encoder_only_options({k: v for k, v in cfg.method.items()
+                                                                          if k != "name"})}
+    return METHODS[name](config_from_dict(data), in_chans)

@@ -79,6 +79,12 @@ class Method(nn.Module):
         `RenderedRow`."""
         raise NotImplementedError
 
+    @classmethod
+    def encoder_only_options(cls, options: dict) -> dict:
+        """`method.*` options that build the same encoder without frozen parts (no tokenizer file), for probing and
+        fine-tuning foreign weights with `--config`. Default: unchanged."""
+        return options
+
     def pretrained_parts(self, state_dict: dict) -> list:
         """The modules `--init FILE` fills from a checkpoint's state dict, as `pretrained.Part`s in the
         modules' own keys. Default: the encoder alone (required)."""

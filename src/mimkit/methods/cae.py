@@ -28,7 +28,10 @@ shared/papers/004_5e6749e9a4eebf02.txt, Sec. 3, Appendix A; Tables 1, 2, 5, 6).
 - Regressor/decoder width `decoder_dim` (default: the encoder's; the official ViT-L run uses 1024 = its
   width; a different width adds the official linear + LayerNorm projection of the encoder's output).
 Official checkpoints (Atten4Vis/CAE: `encoder.*`, `alignment_encoder.*` (ignored: a copy), `regresser.*`,
-`decoder.*`, `mask_token`, `rd_pos_embed`, `encoder_to_regresser*`) load with `--init` (`pretrained_parts`).
+`decoder.*`, `mask_token`, `rd_pos_embed`, `encoder_to_regresser*`) load with `--init` (`pretrained_parts`) into any
+CAE, reported per module (encoder, regressor, decoder); a decoder head of another shape (the file's 8192-token
+vocabulary under a pixel target or another tokenizer) is left at init and named. Probes and fine-tuning take such a
+file with `--config` and build the encoder without a tokenizer (`encoder_only_options`).
 """
 from __future__ import annotations
 
@@ -282,15 +285,27 @@ class CAE(Method):
 
     def pretrained_parts(self, state_dict: dict) -> list:
         """`--init FILE`: the encoder from any supported checkpoint (official CAE: `encoder.*`, BEiT-style); from an
-        official CAE file or a mimkit CAE run also the regressor, mask query, projection and decoder."""
+        official CAE file or a mimkit CAE run also the regressor (blocks, norm, mask query, projection) and the
+        decoder. A decoder head of another shape (the file's 8192-token vocabulary into a pixel target or another
+        tokenizer) is left at init and named in the report."""
         from mimkit.pretrained import Part, encoder_state
         parts = [Part("encoder", self.encoder, encoder_state(state_dict, self.encoder))]
         rest = official_cae_rest(state_dict) if "regresser.norm.weight" in state_dict else {
-            k: v for k, v in state_dict.items() if k.startswith(("regressor.", "decoder.", "mask_token", "encoder_to_regressor."))}
+            k: v for k, v in state_dict.items() if k.startswith(self.REGRESSOR_KEYS + ("decoder.",))}
         if rest:
-            prefixes = ("regressor.", "decoder.", "mask_token", "encoder_to_regressor.")
-            parts.append(Part("regressor and decoder", self, rest, required=False, prefixes=prefixes))
+            regressor = {k: v for k, v in rest.items() if k.startswith(self.REGRESSOR_KEYS)}
+            decoder = {k: v for k, v in rest.items() if k.startswith("decoder.")}
+            parts += [Part("regressor", self, regressor, required=False, prefixes=self.REGRESSOR_KEYS),
+                      Part("decoder", self, decoder, required=False, prefixes=("decoder.",),
+                           reshaped_ok=("decoder.head.",))]
         return parts
+
+    @classmethod
+    def encoder_only_options(cls, options: dict) -> dict:
+        """The same encoder without a tokenizer file: a pixel target (probing weights needs no tokenizer)."""
+        return {**options, "target": "pixels"}
+
+    REGRESSOR_KEYS = ("regressor.", "mask_token", "encoder_to_regressor.")
 
 
 def official_cae_rest(state: dict) -> dict:

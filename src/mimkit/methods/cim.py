@@ -148,6 +148,13 @@ class CIM(Method):
             raise ValueError("shared layers need a generator as wide as the enhancer, with as many heads; drop "
                              "method.generator_width / generator_heads or set method.share_layers=0")
 
+    @classmethod
+    def encoder_only_options(cls, options: dict) -> dict:
+        """The same enhancer without a tokenizer file: the MAE-style generator (probing weights needs none)."""
+        if options.get("generator", "beit") != "beit":
+            return options
+        return {**options, "generator": "mae", "share_layers": 0, "masking": "random"}
+
     @staticmethod
     def generator_shape(cfg, opts: CIMOptions) -> tuple[int, int]:
         """(width, heads) of the generator: the ViT enhancer's, or 384 / (width / 64) with a ResNet (Table 13)."""

@@ -504,6 +504,11 @@ class PerceptualMAE(Method):
                          .to(images.dtype)))
         return rows
 
+    @classmethod
+    def encoder_only_options(cls, options: dict) -> dict:
+        """dVAE-P's encoder without its tokenizer file: the same MAE under L1 + MSE (probing needs no loss network)."""
+        return {**options, "loss": "mse"} if options.get("loss") == "dvae-p" else options
+
     def pretrained_parts(self, state_dict: dict) -> list:
         """`--init FILE`: an official MAE release or any mimkit run (encoder; decoder if present)."""
         from mimkit.pretrained import mae_generator_parts
