@@ -27,6 +27,8 @@ class ModelConfig:
     depth: int | None = None
     num_heads: int | None = None
     drop_path: float = 0.0
+    position: str = "absolute"              # vit: absolute (learnt or sin-cos table) | shared_relative (SimMIM's ViT:
+                                            # one relative position bias shared by all blocks, timm Beit)
     window_size: int = 7                    # swin only
     output_stride: int = 32                 # resnet only: 32, or 16 / 8 (last stages dilated, not strided)
     pool: str = "cls"                       # probes: cls | mean
@@ -266,6 +268,9 @@ def validate_values(cfg: Config) -> None:
     _check(m.pool in ("cls", "mean"), "model.pool", m.pool, "cls or mean")
     _check(m.arch != "resnet" or m.pool == "mean", "model.pool", m.pool, "mean for a ResNet (global average pooling)")
     _check(m.output_stride in (8, 16, 32), "model.output_stride", m.output_stride, "8, 16 or 32")
+    _check(m.position in ("absolute", "shared_relative"), "model.position", m.position, "absolute or shared_relative")
+    _check(m.position == "absolute" or m.arch == "vit", "model.position", m.position,
+           "absolute unless model.arch=vit (shared_relative is SimMIM's ViT)")
     size = m.img_size if isinstance(m.img_size, list) else [m.img_size, m.img_size]
     _check(len(size) == 2 and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in size),
            "model.img_size", m.img_size, "a positive [height, width] in pixels, e.g. [224, 224]")
@@ -352,6 +357,9 @@ def validate_method(cfg: Config) -> None:
         hint = f"did you mean '{near[0]}'?" if near else f"choose one of {', '.join(METHODS)}"
         raise ConfigError(f"unknown method.name '{name}'; {hint}")
     archs = METHODS[name].archs
+    if cfg.model.position != "absolute" and not METHODS[name].relative_positions:
+        raise ConfigError(f"model.position={cfg.model.position} (SimMIM's ViT, every token encoded) is for simmim and "
+                          f"vision_electra; {name} encodes the visible patches only: set model.position=absolute")
     if cfg.model.arch not in archs:
         raise ConfigError(f"method {name} pre-trains model.arch={' or '.join(archs)}, not {cfg.model.arch!r}; set "
                           f"model.arch={archs[0]}")

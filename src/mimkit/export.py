@@ -34,8 +34,9 @@ def probed_kwargs(encoder, pool: str) -> dict:
     tokens after the final norm for model.pool=mean (global_pool='avg' with fc_norm off, the same weights) or takes
     the CLS token ('token'); Swin and ResNet average their last map either way."""
     kwargs = dict(encoder.timm_kwargs, num_classes=0)
-    if "global_pool" in kwargs:     # ViT
-        kwargs.update(global_pool="avg" if pool == "mean" else "token", fc_norm=False)
+    if "global_pool" in kwargs:     # ViT (timm Beit for SimMIM's ViT names the switch use_fc_norm)
+        norm_switch = "use_fc_norm" if kwargs.get("use_shared_rel_pos_bias") else "fc_norm"
+        kwargs.update({"global_pool": "avg" if pool == "mean" else "token", norm_switch: False})
     return kwargs
 
 

@@ -78,6 +78,9 @@ def _extra_sentence(name: str, extra: list[str], source: str) -> str:
         return (f"{source}'s {name} uses layer scale (gamma weights) but this model's {name} has none; "
                 f"build it with layer scale (SimMIM: method.layer_scale, Vision ELECTRA's discriminator: "
                 f"method.discriminator_layer_scale) or start from a checkpoint without it")
+    if any("rel_pos_bias." in k for k in extra):
+        return (f"{source}'s {name} uses a relative position bias shared by all blocks (SimMIM's ViT); build it that "
+                f"way: model.position=shared_relative")
     return (f"{source} holds {len(extra)} {name} tensors this model has no place for (e.g. '{extra[0]}'); it is "
             f"another architecture: match model.size / model.depth / model.patch_size to it")
 
@@ -105,6 +108,9 @@ def encoder_state(state: dict, backbone: ViTBackbone | SwinBackbone) -> dict:
             if isinstance(backbone, SwinBackbone):
                 from timm.models.swin_transformer import checkpoint_filter_fn
                 converted = checkpoint_filter_fn({k: v for k, v in simmim.items() if k != "mask_token"}, backbone.model)
+            elif getattr(backbone, "relative", False):    # SimMIM's own ViT: timm Beit has its key names
+                converted = {k: v for k, v in simmim.items() if k != "mask_token"
+                             and not k.endswith(("relative_position_index", "k_bias"))}
             else:
                 converted = simmim_vit_to_timm(simmim)
             out = {f"model.{k}": v for k, v in converted.items()}
@@ -118,6 +124,9 @@ def encoder_state(state: dict, backbone: ViTBackbone | SwinBackbone) -> dict:
     elif "mask_token" in out:
         out["mask_token"] = out["mask_token"].reshape(backbone.mask_token.shape)
     pos = out.get("model.pos_embed")
+    if pos is not None and isinstance(backbone, ViTBackbone) and backbone.model.pos_embed is None:
+        raise CheckpointMismatch("the file's encoder has an absolute position table but this ViT uses a shared relative "
+                                 "position bias (model.position=shared_relative); set model.position=absolute")
     if pos is not None and isinstance(backbone, ViTBackbone) and pos.shape[1] != backbone.model.pos_embed.shape[1]:
         if backbone.model.pos_embed.requires_grad:
             out["model.pos_embed"] = resample_abs_pos_embed(pos, list(backbone.grid), num_prefix_tokens=backbone.num_prefix)
@@ -150,9 +159,8 @@ def simmim_vit_to_timm(encoder: dict) -> dict:
     out = {}
     for key, value in encoder.items():
         if "relative_position" in key:
-            raise CheckpointMismatch("this SimMIM ViT checkpoint uses relative position biases, which mimkit's "
-                                     "ViT (timm VisionTransformer, absolute positions) does not have; use a "
-                                     "SimMIM Swin checkpoint, or an MAE checkpoint for a ViT")
+            raise CheckpointMismatch("this SimMIM ViT checkpoint uses a relative position bias shared by all blocks "
+                                     "(SimMIM's own ViT); build the ViT that way: model.position=shared_relative")
         if key.endswith("attn.v_bias") or key == "mask_token":
             continue
         if key.endswith("attn.q_bias"):

@@ -1,9 +1,9 @@
 """Backbones: thin MIM adapters over timm models."""
 from mimkit.backbones.resnet import RESNET_SIZES, ResNetBackbone
 from mimkit.backbones.swin import SWIN_SIZES, SwinBackbone
-from mimkit.backbones.vit import VIT_SIZES, ViTBackbone, pool_tokens, sincos_pos_embed_2d
+from mimkit.backbones.vit import POSITIONS, VIT_SIZES, ViTBackbone, pool_tokens, sincos_pos_embed_2d
 
-__all__ = ["ViTBackbone", "SwinBackbone", "ResNetBackbone", "VIT_SIZES", "SWIN_SIZES", "RESNET_SIZES", "pool_tokens", "sincos_pos_embed_2d",
+__all__ = ["ViTBackbone", "SwinBackbone", "ResNetBackbone", "VIT_SIZES", "POSITIONS", "SWIN_SIZES", "RESNET_SIZES", "pool_tokens", "sincos_pos_embed_2d",
            "build_backbone"]
 
 
@@ -15,7 +15,7 @@ def build_backbone(model_cfg, in_chans: int, mask_token: bool, sincos_pos: bool 
     if model_cfg.arch == "vit":
         return ViTBackbone(embed_dim=model_cfg.embed_dim, depth=model_cfg.depth, num_heads=model_cfg.num_heads,
                            sincos_pos=sincos_pos, init_values=init_values, sincos_rows_first=sincos_rows_first,
-                           **common)
+                           position=model_cfg.position, **common)
     if model_cfg.arch == "swin":
         return SwinBackbone(window_size=model_cfg.window_size, **common)
     if model_cfg.arch == "resnet":

@@ -1,4 +1,5 @@
-"""ViT adapter for masked image modeling over timm's VisionTransformer (never a fork of its blocks)."""
+"""ViT adapter for masked image modeling over timm's VisionTransformer, or timm's Beit for SimMIM's own ViT (a
+relative position bias shared by all blocks, no absolute table); never a fork of their blocks."""
 from __future__ import annotations
 
 from typing import Sequence
@@ -19,6 +20,10 @@ VIT_SIZES = {
     "base": (768, 12, 12, "vit_base_patch16_224"),
     "large": (1024, 24, 16, "vit_large_patch16_224"),
 }
+# model.position: absolute (a learnt or fixed sin-cos table, timm VisionTransformer) | shared_relative (SimMIM's ViT,
+# BEiT's blocks with q/v biases and one relative position bias for all blocks: timm Beit)
+POSITIONS = ("absolute", "shared_relative")
+BEIT_NAME = "beit_base_patch16_224"     # the timm name exports use; the kwargs set width, depth and positions
 
 
 def sincos_pos_embed_2d(dim: int, grid: tuple[int, int], cls_token: bool, rows_first: bool = False) -> torch.Tensor:
@@ -43,29 +48,37 @@ def sincos_pos_embed_2d(dim: int, grid: tuple[int, int], cls_token: bool, rows_f
 class ViTBackbone(nn.Module):
     """timm ViT plus what MIM needs: encode visible tokens only, or replace masked tokens by a mask token.
 
-    `self.model` is a plain timm VisionTransformer (the exported encoder); `mask_token` lives beside it.
+    `self.model` is a plain timm VisionTransformer, or with `position="shared_relative"` a timm Beit with one shared
+    relative position bias (SimMIM's ViT; it encodes every token, so no visible-only encoding); it is the exported
+    encoder, and `mask_token` lives beside it.
     """
 
     def __init__(self, img_size: tuple[int, int], patch_size: int, in_chans: int, size: str = "base",
                  embed_dim: int | None = None, depth: int | None = None, num_heads: int | None = None,
                  mlp_ratio: float = 4.0, drop_path: float = 0.0, init_values: float | None = None,
-                 sincos_pos: bool = True, mask_token: bool = False, sincos_rows_first: bool = False):
+                 sincos_pos: bool = True, mask_token: bool = False, sincos_rows_first: bool = False,
+                 position: str = "absolute"):
         super().__init__()
         if size not in VIT_SIZES:
             raise ValueError(f"unknown ViT size {size!r}; choose one of {', '.join(VIT_SIZES)}")
+        if position not in POSITIONS:
+            raise ValueError(f"unknown model.position {position!r}; choose one of {', '.join(POSITIONS)}")
         d, n, h, timm_name = VIT_SIZES[size]
-        self.timm_name = timm_name
+        self.relative = position == "shared_relative"
+        self.timm_name = BEIT_NAME if self.relative else timm_name
         self.timm_kwargs = dict(img_size=list(img_size), patch_size=patch_size, in_chans=in_chans,
                                 embed_dim=embed_dim or d, depth=depth or n, num_heads=num_heads or h,
                                 mlp_ratio=mlp_ratio, init_values=init_values, num_classes=0, global_pool="token")
-        self.model = timm.create_model(timm_name, pretrained=False, drop_path_rate=drop_path, **self.timm_kwargs)
+        if self.relative:
+            self.timm_kwargs.update(use_abs_pos_emb=False, use_rel_pos_bias=False, use_shared_rel_pos_bias=True)
+        self.model = timm.create_model(self.timm_name, pretrained=False, drop_path_rate=drop_path, **self.timm_kwargs)
         self.patch_size = (patch_size, patch_size)
         self.grid = tuple(self.model.patch_embed.grid_size)
         self.num_patches = self.grid[0] * self.grid[1]
         self.embed_dim = self.model.embed_dim
         self.in_chans = in_chans
         self.num_prefix = self.model.num_prefix_tokens  # 1: the CLS token
-        if sincos_pos:  # MAE: fixed 2-D sin-cos, not learnt
+        if sincos_pos and not self.relative:  # MAE: fixed 2-D sin-cos, not learnt
             self.model.pos_embed.data.copy_(sincos_pos_embed_2d(self.embed_dim, self.grid, cls_token=True,
                                                                 rows_first=sincos_rows_first))
             self.model.pos_embed.requires_grad_(False)
@@ -74,9 +87,13 @@ class ViTBackbone(nn.Module):
             nn.init.trunc_normal_(self.mask_token, std=0.02)
 
     def _run_blocks(self, x: torch.Tensor, return_layers: Sequence[int] | None):
-        x = self.model.norm_pre(x)
+        if self.relative:
+            bias = self.model.rel_pos_bias()
+            blocks = [lambda t, blk=blk: blk(t, shared_rel_pos_bias=bias) for blk in self.model.blocks]
+        else:
+            x, blocks = self.model.norm_pre(x), self.model.blocks
         feats = []
-        for i, block in enumerate(self.model.blocks):
+        for i, block in enumerate(blocks):
             x = block(x)
             if return_layers is not None and i in return_layers:
                 feats.append(x)
@@ -86,6 +103,9 @@ class ViTBackbone(nn.Module):
     def forward_visible(self, images: torch.Tensor, ids_visible: torch.Tensor,
                         return_layers: Sequence[int] | None = None):
         """Encode only the visible patches (MAE). ids_visible [B, K] -> tokens [B, 1+K, D] (CLS first)."""
+        if self.relative:
+            raise ValueError("a ViT with a shared relative position bias (model.position=shared_relative) encodes every "
+                             "token; an encoder of the visible patches only (MAE-style) needs model.position=absolute")
         pos = self.model.pos_embed
         x = self.model.patch_embed(images) + pos[:, self.num_prefix:]   # [B, L, D]
         x = gather_tokens(x, ids_visible)                               # [B, K, D]
@@ -101,7 +121,10 @@ class ViTBackbone(nn.Module):
                 raise RuntimeError("this backbone was built without a mask token")
             w = mask.unsqueeze(-1).to(x.dtype)
             x = x * (1 - w) + self.mask_token.to(x.dtype) * w
-        x = self.model._pos_embed(x)
+        if self.relative:                                               # SimMIM's ViT: CLS, no absolute table
+            x = self.model.pos_drop(torch.cat([self.model.cls_token.expand(x.shape[0], -1, -1), x], dim=1))
+        else:
+            x = self.model._pos_embed(x)
         return self._run_blocks(x, return_layers)
 
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from mimkit.engine.logging import save_titled_grid
 
@@ -27,10 +28,18 @@ def cls_attention(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
     attn = block.attn
     b, n, c = x.shape
     h = attn.num_heads
-    qkv = attn.qkv(x).reshape(b, n, 3, h, c // h).permute(2, 0, 3, 1, 4)
-    q, k = attn.q_norm(qkv[0]), attn.k_norm(qkv[1])
-    weights = ((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)       # [B, H, N, N]
-    return weights[:, :, 0, model.num_prefix_tokens:]
+    if getattr(attn, "q_bias", None) is not None:                           # BEiT-style (SimMIM's ViT): q/v biases
+        qkv = F.linear(x, attn.qkv.weight, torch.cat((attn.q_bias, attn.k_bias, attn.v_bias)))
+    else:
+        qkv = attn.qkv(x)
+    qkv = qkv.reshape(b, n, 3, h, c // h).permute(2, 0, 3, 1, 4)
+    q, k = getattr(attn, "q_norm", nn.Identity())(qkv[0]), getattr(attn, "k_norm", nn.Identity())(qkv[1])
+    logits = (q * attn.scale) @ k.transpose(-2, -1)                           # [B, H, N, N]
+    if getattr(model, "rel_pos_bias", None) is not None:                    # the shared relative position bias
+        logits = logits + model.rel_pos_bias()
+    if getattr(attn, "relative_position_bias_table", None) is not None:
+        logits = logits + attn._get_rel_pos_bias()
+    return logits.softmax(dim=-1)[:, :, 0, model.num_prefix_tokens:]
 
 
 def overlay(gray: torch.Tensor, heat: torch.Tensor) -> torch.Tensor:

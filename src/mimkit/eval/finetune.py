@@ -77,6 +77,7 @@ def classifier_from_encoder(timm_name: str, timm_kwargs: dict, encoder_state: di
     cnn = "embed_dim" not in timm_kwargs        # a ResNet: global average pooling, whatever cfg.pool says
     kwargs = dict(timm_kwargs, num_classes=num_classes, global_pool="avg" if cfg.pool == "mean" or cnn else "token")
     kwargs.pop("fc_norm", None)                 # an export's probing pool; fine-tuning uses timm's own (MAE's)
+    kwargs.pop("use_fc_norm", None)
     model = timm.create_model(timm_name, pretrained=False, drop_path_rate=cfg.drop_path, **kwargs)
     result = model.load_state_dict(encoder_state, strict=False)
     allowed_missing = ("head.", "fc_norm.", "fc.")   # a new classifier (ViT: head / fc_norm, ResNet: fc)

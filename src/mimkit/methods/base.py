@@ -37,6 +37,7 @@ class Method(nn.Module):
     stages: tuple[Stage, ...] = (Stage("model", ("model",)),)   # every stage the schedule may choose from
     no_weight_decay_keys: tuple[str, ...] = ()   # parameter-name fragments kept out of weight decay
     archs: tuple[str, ...] = ("vit", "swin")     # the model.arch values it can pre-train
+    relative_positions: bool = False             # model.position=shared_relative allowed (every token encoded)
 
     @classmethod
     def check_config(cls, cfg, opts) -> None:

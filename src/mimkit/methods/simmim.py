@@ -33,6 +33,7 @@ class SimMIM(Method):
     """SimMIM pre-training: `loss_l1` on masked pixels (Xie et al., Eq. 1 with L1, Table 1)."""
 
     options = SimMIMOptions
+    relative_positions = True                  # SimMIM's own ViT: model.position=shared_relative
     # SimMIM's `no_weight_decay` / `no_weight_decay_keywords` (besides biases and norms)
     no_weight_decay_keys = ("mask_token", "cls_token", "pos_embed", "absolute_pos_embed", "relative_position_bias_table")
 

@@ -23,7 +23,11 @@ neither computed nor logged. The GAN terms are the non-saturating losses of `los
 
 Continual pre-training (Table 1 "Official + 50ep"): `generator_init` loads G's encoder and decoder,
 `discriminator_init` D's backbone (heads stay fresh), each with a per-module count; D follows a SimMIM
-file's layer scale (`discriminator_layer_scale=auto`) and keeps its learnt position table learnt.
+file's layer scale (`discriminator_layer_scale=auto`) and keeps its learnt position table learnt. With
+`model.position=shared_relative` D is SimMIM's own ViT (one relative position bias shared by all blocks, timm's Beit
+blocks), so SimMIM's ViT release loads as the paper's continual pre-training does; the MAE generator's encoder keeps
+absolute positions (it encodes the visible patches only), and its relative bias table gets no weight decay
+(SimMIM's exemption).
 """
 from __future__ import annotations
 
@@ -67,6 +71,8 @@ class VisionElectra(Method):
     """G and D trained jointly on Eq. 5 in one stage; two optimiser groups (generator, discriminator)."""
 
     options = VisionElectraOptions
+    relative_positions = True                  # D may be SimMIM's own ViT (model.position=shared_relative)
+    no_weight_decay_keys = ("relative_position_bias_table",)   # SimMIM's exemption, for a D started from SimMIM
     stages = (Stage("joint", ("generator", "discriminator")),)
 
     def __init__(self, cfg: Config, in_chans: int, opts: VisionElectraOptions | None = None):
@@ -79,6 +85,9 @@ class VisionElectra(Method):
         if cfg.model.arch == "swin" and o.generator == "mae":
             raise ValueError("a Swin discriminator needs method.generator=simmim (MAE's encoder drops tokens, "
                              "which Swin cannot)")
+        if cfg.model.position != "absolute" and o.generator == "mae" and o.share_weights:
+            raise ValueError("method.share_weights with the MAE generator needs model.position=absolute (MAE's encoder "
+                             "drops tokens, which a shared relative position bias cannot); unset one of them")
         if not (o.patch_loss or o.cls_loss):
             raise ValueError("method.patch_loss and method.cls_loss are both off, so the discriminator has nothing to "
                              "learn; keep at least one of them")
@@ -94,8 +103,9 @@ class VisionElectra(Method):
                                     init_values=o.discriminator_layer_scale)
         g_cfg = cfg if not o.generator_size else dataclasses.replace(
             cfg, model=dataclasses.replace(cfg.model, size=o.generator_size, embed_dim=None, depth=None, num_heads=None))
-        if o.generator == "mae":
-            encoder = d_backbone if o.share_weights else build_backbone(g_cfg.model, in_chans, mask_token=False)
+        if o.generator == "mae":   # MAE's encoder sees the visible patches only: absolute positions whatever D uses
+            g_model = dataclasses.replace(g_cfg.model, position="absolute")
+            encoder = d_backbone if o.share_weights else build_backbone(g_model, in_chans, mask_token=False)
             self.generator = MAEGenerator(encoder, MAEOptions(o.mask_ratio, False, o.decoder_dim, o.decoder_depth,
                                                               o.decoder_heads))
         else:
