@@ -46,6 +46,20 @@ def test_a_pack_round_trips_every_image_and_label_bit_equal(tmp_path):
     assert main(["data", "pack", "--data", f"folder:{folder}", "--out", str(tmp_path / "s2"), "--shard-size", "x"]) == 2
 
 
+def test_shell_globs_select_shards_as_braces_and_folders_do(tmp_path):
+    folder = image_folder(tmp_path / "imgs", 40)
+    pack_shards(f"folder:{folder}", tmp_path / "shards", max_count=8)             # shard-000000 .. shard-000004
+    root = tmp_path / "shards"
+    every = build_dataset(f"shards:{root}")
+    assert len(every.urls) == 5
+    assert build_dataset(f"shards:{root}/*.tar").urls == every.urls               # as users write local shards
+    assert build_dataset(f"shards:{root}/shard-00000[0-2].tar").urls == every.urls[:3]
+    assert build_dataset(f"shards:{root}/shard-00000?.tar").urls == build_dataset(
+        f"shards:{root}/shard-{{000000..000004}}.tar").urls == every.urls
+    with pytest.raises(DataError, match="names none of the shards"):
+        build_dataset(f"shards:{root}/other-*.tar")
+
+
 def seeds_seen(stream, rank, world, workers, batch, epoch=0, skip=0):
     """Pack indices one rank reads in an epoch (the transform returns the sample's seed, which encodes its index)."""
     base = (0 * 1_000_003 + epoch) * 10_000_019

@@ -88,8 +88,9 @@ class ShardStream(IterableDataset):
 
     def __init__(self, location: str, channels: int | None = None, shuffle_buffer: int = 1000):
         from webdataset.gopen import gopen
-        base = location.rstrip("/") if not location.endswith(".tar") and "{" not in location else \
-            location.rsplit("/", 1)[0]
+        # a folder, or a pattern of shard files in one folder: a name, braces ({000..009}) or a shell glob (*.tar)
+        pattern = location.endswith(".tar") or "{" in location or any(c in location.rsplit("/", 1)[-1] for c in "*?[")
+        base = location.rsplit("/", 1)[0] if pattern else location.rstrip("/")
         try:
             with gopen(f"{base}/{INDEX}") as f:
                 self.index = json.loads(f.read())
@@ -97,10 +98,12 @@ class ShardStream(IterableDataset):
             raise DataError(f"no readable {INDEX} in {base} ({err}); write shards with 'mimkit data pack --data "
                             f"folder:DIR --out {base}'") from None
         names = [s["file"] for s in self.index["shards"]]
-        if "{" in location or location.endswith(".tar"):
+        if pattern:
+            from fnmatch import fnmatchcase
+
             from braceexpand import braceexpand
-            wanted = {u.rsplit("/", 1)[-1] for u in braceexpand(location)}
-            names = [n for n in names if n in wanted]
+            wanted = [u.rsplit("/", 1)[-1] for u in braceexpand(location)]
+            names = [n for n in names if any(fnmatchcase(n, w) for w in wanted)]
         self.urls = [f"{base}/{n}" for n in names]
         self.counts = [s["count"] for s in self.index["shards"] if s["file"] in set(names)]
         if not self.urls:
