@@ -198,3 +198,53 @@ def test_frozen_generator_run_keeps_the_generator_after_the_switch(fmnist_small,
     enhancer = [k for k in final if k.startswith(("enhancer.", "head."))]
     assert generator and all(torch.equal(final[k], at_switch[k]) for k in generator)      # fixed after the switch
     assert any(not torch.equal(final[k], at_switch[k]) for k in enhancer)                # the enhancer trains
+
+
+def test_the_enhancer_after_a_frozen_generator_is_its_own_run_for_the_lr(fmnist_small, tmp_path, tiny_tokenizer):
+    """A.1: the generator's 300 epochs, then the enhancer's 300 as a run of its own: each group warms up from its
+    own first step and decays over its own part (before: the enhancer began at the switch mid-cosine, no warm-up)."""
+    from mimkit.engine.trainer import Trainer
+    cfg = load_config(None, ["method.name=cim", "model.size=pico", "model.img_size=[28,28]", "model.patch_size=4",
+                             "method.generator_depth=2", "method.generator_training=pretrain_then_freeze",
+                             f"tokenizer.path={tiny_tokenizer}", f"data.spec=idx:{fmnist_small}", "data.batch_size=8",
+                             "data.num_workers=0", "train.epochs=2", "optim.warmup_epochs=0.5", "optim.base_lr=1e-3",
+                             "optim.min_lr=0", "train.log_every=1", "train.sample_every=0", "train.steps=12"])
+    trainer = Trainer(cfg, tmp_path / "run")
+    assert trainer.spans == {"generator": (0, 6), "enhancer": (6, 12)} and trainer.warmup_steps == 3
+    trainer.train()
+    rows = metrics_rows(tmp_path / "run")
+    peak = 1e-3 * 8 / 256
+    gen = [r["lr_generator"] for r in rows[:6]]                          # the lr each step used
+    enh = [r["lr_enhancer"] for r in rows[6:]]
+    warm = [0.0, peak / 3, 2 * peak / 3, peak]
+    assert gen[:4] == pytest.approx(warm, rel=1e-6, abs=1e-12) and gen[3] > gen[4] > gen[5] > 0
+    assert enh[:4] == pytest.approx(warm, rel=1e-6, abs=1e-12) and enh[3] > enh[4] > enh[5] > 0
+
+
+@pytest.mark.parametrize("scope", [None, "group"])
+def test_cim_clips_one_global_norm_over_both_groups(fmnist_small, tmp_path, tiny_tokenizer, scope):
+    """BEiT-style code (CIM's) clips the norm of all the step's gradients together: the generator's and the enhancer's
+    are scaled by one factor so that their joint norm is clip_grad (`optim.clip_scope=group`: each to clip_grad)."""
+    from mimkit.engine.trainer import Trainer
+    cfg = load_config(None, ["method.name=cim", "model.size=pico", "model.img_size=[28,28]", "model.patch_size=4",
+                             "method.generator_depth=2", f"tokenizer.path={tiny_tokenizer}", f"data.spec=idx:{fmnist_small}",
+                             "data.batch_size=8", "data.num_workers=0", "optim.clip_grad=1e-4", "train.log_every=1",
+                             "train.sample_every=0", "train.steps=1"] + ([f"optim.clip_scope={scope}"] if scope else []))
+    trainer = Trainer(cfg, tmp_path / "run")
+    seen = {}
+    for group, optimizer in trainer.optimizers.items():
+        step = optimizer.step
+
+        def recorded(*args, group=group, step=step, **kwargs):
+            seen[group] = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in trainer.params[group]
+                                                                if p.grad is not None]))
+            return step(*args, **kwargs)
+        optimizer.step = recorded
+    trainer.train()
+    total = torch.linalg.vector_norm(torch.stack(list(seen.values())))
+    row = metrics_rows(tmp_path / "run")[-1]
+    if scope is None:
+        assert total.item() == pytest.approx(1e-4, rel=1e-3) and row["grad_norm"] > 1e-4
+    else:
+        assert all(v.item() == pytest.approx(1e-4, rel=1e-3) for v in seen.values()), seen
+        assert {"grad_norm_generator", "grad_norm_enhancer"} <= set(row)

@@ -35,3 +35,26 @@ def test_bench_prints_its_table(capsys):
     out = capsys.readouterr().out
     assert "| encoder |" in out and "training FLOPs per image" in out and "| eager |" in out
     assert main(["bench", "--config", cfg, "--modes", "fast"]) == 2
+
+
+PMAE_PICO = MAE_PICO[:3] + ["method.name=perceptual_mae", "method.decoder_dim=32", "method.decoder_depth=1",
+                            "method.decoder_heads=2", "method.critic_width=8", "method.critic_depth=2"]
+
+
+def test_an_alternating_schedule_costs_its_average():
+    """LS-GAN-P's perceptual term runs on even epochs only: a step costs the mean of an on- and an off-epoch step,
+    not the on-epoch step's cost; StyleGANv2-ADA-P adds R1 on 1 step in 16 and path length on 1 in 4 (on epochs)."""
+    from mimkit.engine.cost import flops_per_image
+    cfg = load_config(None, PMAE_PICO + ["method.loss=lsgan-p"])
+    method = build_method(cfg, 1)
+    on, off = (flops_per_image(cfg, 1, step=5, epoch=e, method=method) for e in (1, 0))
+    assert on > off > 0
+    assert flops_per_image(cfg, 1, method=method) == pytest.approx((on + off) / 2, rel=1e-9)
+    cfg = load_config(None, PMAE_PICO + ["method.loss=stylegan2-ada-p", "method.msg_mae=false", "method.scales=2", "method.decoder_depth=2",
+                                         "method.ada=false"])
+    method = build_method(cfg, 1)
+    count = lambda step, epoch: flops_per_image(cfg, 1, step=step, epoch=epoch, method=method)   # noqa: E731
+    both, pl_only, none, r1_off_epoch, plain_off_epoch = count(0, 1), count(4, 1), count(1, 1), count(0, 0), count(1, 0)
+    assert both > pl_only > none and r1_off_epoch > plain_off_epoch
+    expected = 0.5 * (both + 3 * pl_only + 12 * none) / 16 + 0.5 * (r1_off_epoch + 15 * plain_off_epoch) / 16
+    assert flops_per_image(cfg, 1, method=method) == pytest.approx(expected, rel=1e-9)

@@ -61,6 +61,8 @@ class OptimConfig:
     betas: list = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8
     clip_grad: float | None = None
+    clip_scope: str | None = None           # group (a norm per optimiser group) | stage (one norm over every group a
+                                            # stage steps, BEiT-style code); None: the method's (stage: CIM, CAE)
     warmup_epochs: float = 40.0
     schedule: str = "cosine"                # cosine | multistep (SimMIM's 800-epoch recipes)
     milestones: list = field(default_factory=lambda: [700])   # multistep: epochs where lr is multiplied by decay_rate
@@ -307,6 +309,8 @@ def validate_values(cfg: Config) -> None:
     _check(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "0 or more")
     _check(o.eps > 0, "optim.eps", o.eps, "positive")
     _check(o.clip_grad is None or o.clip_grad > 0, "optim.clip_grad", o.clip_grad, "positive or null (no clipping)")
+    _check(o.clip_scope in (None, "group", "stage"), "optim.clip_scope", o.clip_scope,
+           "group, stage or null (the method's own)")
     _check(o.warmup_epochs >= 0, "optim.warmup_epochs", o.warmup_epochs, "0 or more")
     _check(o.schedule in ("cosine", "multistep"), "optim.schedule", o.schedule, "cosine or multistep")
     _check(all(v > 0 for v in o.milestones), "optim.milestones", o.milestones, "a list of positive epochs")

@@ -69,20 +69,27 @@ def total_flop_counter() -> FlopCounterMode:
     return counter
 
 
-def flops_per_image(cfg: Config, in_chans: int, batch: int = 2, step: int = 10 ** 6, method=None) -> float:
-    """Training FLOPs per image of one step of the recipe's method (every stage the schedule runs at `step`, late in
-    a run: forward and backward), counted on the CPU with random images; no data, optimiser or trainer needed."""
+def flops_per_image(cfg: Config, in_chans: int, batch: int = 2, step: int | None = None, method=None,
+                    epoch: int = 1) -> float:
+    """Training FLOPs per image of the recipe's method (every stage the schedule runs: forward and backward), counted
+    on the CPU with random images; no data, optimiser or trainer needed. Without `step`: the mean over the method's
+    schedule (`Method.cost_points`: Perceptual MAE's term on half the epochs, lazy R1 and path length, GAN-MAE's and
+    CIM's two phases); with `step` (and `epoch`), that one step."""
     from mimkit.methods import build_method
     method = method or build_method(cfg, in_chans)
     method.set_pixel_stats(torch.zeros(1, in_chans, 1, 1), torch.ones(1, in_chans, 1, 1))
     images = torch.randn(batch, in_chans, *cfg.model.img_size)
     total = 10 ** 7
-    carry = {"step": step, "epoch": 1, "total_steps": total, "last_micro": True}
-    counter = total_flop_counter()
-    with counter:
-        for stage in method.schedule(step, 1, total):
-            method(images, stage.name, carry)["loss"].backward()
-    return counter.get_total_flops() / batch
+    points = [(step, epoch, 1.0)] if step is not None else method.cost_points(total)
+    flops = 0.0
+    for at, at_epoch, weight in points:
+        carry = {"step": at, "epoch": at_epoch, "total_steps": total, "last_micro": True}
+        counter = total_flop_counter()
+        with counter:
+            for stage in method.schedule(at, at_epoch, total):
+                method(images, stage.name, carry)["loss"].backward()
+        flops += weight * counter.get_total_flops() / batch
+    return flops
 
 
 def measure(cfg: Config, batch: int, steps: int = 10, warmup: int = 3, modes=("eager", "compiled"),

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import sys
 import time
+import warnings
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -142,15 +143,17 @@ class Trainer:
         seen = [id(p) for params in self.params.values() for p in params]
         if len(seen) != len(set(seen)):
             raise RuntimeError(f"{type(self.method).__name__}.optim_groups puts a parameter in two groups")
-        self.optimizers, self.schedulers = {}, {}
+        self.optimizers, self.schedulers, self.spans = {}, {}, {}
         for g, named in groups.items():
             if not named:   # an empty group (e.g. a shared backbone when sharing is off) gets no optimiser
                 continue
             group_cfg = cfg.optim.groups.get(g, GroupOptimConfig())
             self.optimizers[g] = make_optimizer(named, cfg, self.lr * group_cfg.lr_scale, group_cfg,
                                                 self.method.no_weight_decay_keys)
-            self.schedulers[g] = self._scheduler(self.optimizers[g], group_cfg)
+            self.spans[g] = self.method.group_steps(g, self.total_steps)
+            self.schedulers[g] = self._scheduler(self.optimizers[g], group_cfg, self.spans[g])
         self.multi_stage = len(self.method.stages) > 1
+        self.clip_scope = cfg.optim.clip_scope or self.method.clip_scope
         self.fused = all(opt.defaults.get("fused") for opt in self.optimizers.values())
 
         cuda = self.device.type == "cuda"
@@ -184,19 +187,23 @@ class Trainer:
                                      self.device)
             self._print(f"{self.probe.describe()}, every {t.probe_every} steps")
 
-    def _scheduler(self, optimizer, group: GroupOptimConfig):
-        """Warm-up (the group's own, else optim.warmup_epochs) then cosine or SimMIM's multistep decay; a
-        compressed run (train.steps) keeps every epoch-based point at its share of the recipe."""
+    def _scheduler(self, optimizer, group: GroupOptimConfig, span: tuple[int, int]):
+        """Warm-up (the group's own, else optim.warmup_epochs) then cosine or SimMIM's multistep decay over the steps
+        the group trains in (`span`: the whole run, or e.g. CIM's enhancer after its generator: its own warm-up and
+        decay from its start); a compressed run (train.steps) keeps every epoch-based point at its share of the
+        recipe. The scheduler counts from the span's start (`step_update(step - start)`)."""
         o = self.cfg.optim
         share = self.total_steps / max(self.recipe_steps, 1)
+        length = span[1] - span[0]
         warmup = self.warmup_steps if group.warmup_epochs is None else \
-            min(round(group.warmup_epochs * self.steps_per_epoch * share), max(self.total_steps - 1, 0))
+            round(group.warmup_epochs * self.steps_per_epoch * share)
+        warmup = min(warmup, max(length - 1, 0))
         if o.schedule == "multistep":
-            milestones = [round(m * self.steps_per_epoch * share) for m in o.milestones]
+            milestones = [round(m * self.steps_per_epoch * share) - span[0] for m in o.milestones]
             # timm decays once t + 1 passes decay_t (t counted after warm-up); SimMIM decays from step m on
             return MultiStepLRScheduler(optimizer, decay_t=[m - warmup + 1 for m in milestones], decay_rate=o.decay_rate,
                                         warmup_t=warmup, warmup_lr_init=0.0, warmup_prefix=True, t_in_epochs=False)
-        return CosineLRScheduler(optimizer, t_initial=max(self.total_steps - warmup, 1), lr_min=o.min_lr,
+        return CosineLRScheduler(optimizer, t_initial=max(length - warmup, 1), lr_min=o.min_lr,
                                  warmup_t=warmup, warmup_lr_init=0.0, warmup_prefix=True, t_in_epochs=False)
 
     # ------------------------------------------------------------------ data
@@ -278,6 +285,7 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         log = MetricsLog(self.out, self.start_step if self.start_step else None) if self.dist.is_main else None
+        self.warn_unreached_terms()
         batches = self._micro_batches(self.start_step * t.accum_steps)
         running: dict[str, torch.Tensor] = {}
         counts: dict[str, int] = {}        # steps each running value was added in (a stage may skip steps)
@@ -292,8 +300,8 @@ class Trainer:
             micro = [next(batches) for _ in range(t.accum_steps)]
             images = [self._prepare(m) for m in micro]
             self.skipped_images += sum(int(m[2].sum()) for m in micro)
-            for scheduler in self.schedulers.values():
-                scheduler.step_update(step)
+            for g, scheduler in self.schedulers.items():
+                scheduler.step_update(max(step - self.spans[g][0], 0))
             self._step(images, running, counts, step)
             step_done = step + 1
             images_seen += sum(x.shape[0] for x in images) * self.dist.world_size
@@ -348,9 +356,29 @@ class Trainer:
             log.close()
         return last_row
 
+    def schedule_epoch(self, step: int) -> int:
+        """The recipe epoch a step falls in: with train.steps compressing (or stretching) the recipe, the step's share
+        of the recipe, as the warm-up and milestones, so epoch-based decisions (Perceptual MAE's even epochs) happen
+        in a short run as in the full one."""
+        return (step * self.recipe_steps // max(self.total_steps, 1)) // self.steps_per_epoch
+
+    def warn_unreached_terms(self) -> None:
+        """One warning naming each stage or loss term the method declares that no step of this run reaches."""
+        declared = self.method.declared_terms()
+        seen: set[str] = set()
+        for step in range(self.start_step, self.total_steps):
+            seen |= self.method.terms_at(step, self.schedule_epoch(step), self.total_steps)
+            if declared <= seen:
+                return
+        missing = sorted(declared - seen)
+        if missing and self.dist.is_main:
+            warnings.warn(f"{', '.join(missing)} never run(s) in steps {self.start_step}-{self.total_steps} of this "
+                          f"run ({self.recipe_steps / self.steps_per_epoch:g} recipe epochs in {self.total_steps} steps); "
+                          f"lengthen the run (train.steps / train.epochs) to train with it", stacklevel=2)
+
     def _step(self, images: list[torch.Tensor], running: dict, counts: dict, step: int) -> None:
         accum = len(images)
-        epoch = step // self.steps_per_epoch
+        epoch = self.schedule_epoch(step)
         carries = [{"step": step, "epoch": epoch, "total_steps": self.total_steps, "last_micro": i == accum - 1}
                    for i in range(accum)]
         bad = torch.zeros((), device=self.device)
@@ -378,14 +406,20 @@ class Trainer:
             total += stage_loss
             if self.multi_stage:
                 add(f"{prefix}loss", stage_loss)
-            for group in stage.groups:
-                if group not in self.optimizers:
-                    continue
-                params = self.params[group]
-                D.average_gradients(params, self.dist.world_size)
-                norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.optim.clip_grad or float("inf"))
-                found_inf = (~torch.isfinite(norm)).float()
-                add(f"{prefix}grad_norm_{group}", torch.nan_to_num(norm, 0.0))
+            groups = [g for g in stage.groups if g in self.optimizers]
+            for group in groups:
+                D.average_gradients(self.params[group], self.dist.world_size)
+            clip = self.cfg.optim.clip_grad or float("inf")
+            if self.clip_scope == "stage":    # one norm over every parameter the stage steps (BEiT-style: CIM, CAE)
+                norm = torch.nn.utils.clip_grad_norm_([p for g in groups for p in self.params[g]], clip)
+                add(f"{prefix}grad_norm", torch.nan_to_num(norm, 0.0))
+                norms = dict.fromkeys(groups, norm)
+            else:
+                norms = {g: torch.nn.utils.clip_grad_norm_(self.params[g], clip) for g in groups}
+                for group, norm in norms.items():
+                    add(f"{prefix}grad_norm_{group}", torch.nan_to_num(norm, 0.0))
+            for group in groups:
+                found_inf = (~torch.isfinite(norms[group])).float()
                 optimizer = self.optimizers[group]
                 if self.fused:
                     optimizer.found_inf = found_inf

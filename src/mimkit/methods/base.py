@@ -9,7 +9,9 @@ A method is an nn.Module that
   holds the 0-based `step`, `epoch` and `total_steps` (loss weights that change over training read them);
 - may choose which stages run at a step (`schedule(step, epoch, total_steps)`: Perceptual MAE's even
   epochs, lazy R1, GAN-MAE's two-stage scheme);
-  the choice is a function of the step, so a resumed run makes the same ones;
+  the choice is a function of the step, so a resumed run makes the same ones; `epoch` is the recipe epoch,
+  compressed with the run when `train.steps` shortens the recipe; `declared_terms` / `terms_at` name what a run
+  never reaches (one warning);
 - registers frozen parts (tokenizers, loss networks) with `register_frozen`;
 - never calls `optimizer.step()` itself: the engine does, in the declared order.
 """
@@ -38,6 +40,7 @@ class Method(nn.Module):
     no_weight_decay_keys: tuple[str, ...] = ()   # parameter-name fragments kept out of weight decay
     archs: tuple[str, ...] = ("vit", "swin")     # the model.arch values it can pre-train
     relative_positions: bool = False             # model.position=shared_relative allowed (every token encoded)
+    clip_scope: str = "group"                    # optim.clip_grad per optimiser group, or "stage": one global norm
 
     @classmethod
     def check_config(cls, cfg, opts) -> None:
@@ -63,6 +66,25 @@ class Method(nn.Module):
         """The stages to run at this step (0-based) and epoch of a `total_steps` run, in order. A pure function of its arguments,
         so a resumed run makes the same choices. Default: every declared stage, every step."""
         return self.stages
+
+    def declared_terms(self) -> set[str]:
+        """The stages and scheduled loss terms this method declares; the engine warns once about any that no step of a
+        run reaches (e.g. a perceptual term on even epochs in a run shorter than two). Default: the stages."""
+        return {stage.name for stage in self.stages}
+
+    def terms_at(self, step: int, epoch: int, total_steps: int) -> set[str]:
+        """Which of `declared_terms` run at this step. Default: the scheduled stages."""
+        return {stage.name for stage in self.schedule(step, epoch, total_steps)}
+
+    def group_steps(self, group: str, total_steps: int) -> tuple[int, int]:
+        """[start, end) of the steps in which an optimiser group trains; its warm-up and lr decay run over that span
+        (CIM's A.1: the enhancer trained as its own run after the generator's). Default: the whole run."""
+        return 0, total_steps
+
+    def cost_points(self, total_steps: int) -> list[tuple[int, int, float]]:
+        """(step, epoch, weight) points whose weighted mean per-step cost is the cost averaged over a run's schedule
+        (`engine.cost.flops_per_image`). Default: one step late in the run, all steps alike."""
+        return [(total_steps - 1, 1, 1.0)]
 
     def optim_groups(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
         """Optimiser group name -> the (name, parameter) pairs it updates; every trainable parameter in one group.

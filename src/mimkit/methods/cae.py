@@ -25,6 +25,8 @@ shared/papers/004_5e6749e9a4eebf02.txt, Sec. 3, Appendix A; Tables 1, 2, 5, 6).
   (`alignment_weight`); `method.alignment=false` (Table 2) removes l_z and its forward pass.
 - Masking (Sec. 3.2): BEiT's block-wise masking of exactly round(0.5 L) patches (98 of 196), minimum block 16
   patches at 196, scaled by L / 196 on other grids (`min_block_patches` sets it).
+- Gradient clipping (3.0): one global norm over all parameters, as the official (BEiT-based) code
+  (`clip_scope = "stage"`).
 - Regressor/decoder width `decoder_dim` (default: the encoder's; the official ViT-L run uses 1024 = its
   width; a different width adds the official linear + LayerNorm projection of the encoder's output).
 Official checkpoints (Atten4Vis/CAE: `encoder.*`, `alignment_encoder.*` (ignored: a copy), `regresser.*`,
@@ -165,6 +167,7 @@ class CAEDecoder(nn.Module):
 class CAE(Method):
     options = CAEOptions
     archs = ("vit",)
+    clip_scope = "stage"        # the official (BEiT-based) code clips one global norm over all parameters
     no_weight_decay_keys = ("mask_token", "gamma", "pos_embed", "cls_token")
 
     def __init__(self, cfg: Config, in_chans: int, opts: CAEOptions | None = None):

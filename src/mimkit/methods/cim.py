@@ -38,7 +38,10 @@ mimkit's is the reference, and every choice the paper leaves open is written her
 - Loss (Sec. 2.3, A.3, Table 13): one joint step, L = L_gen + w L_enh, w = 10 (RESPIX) or 1 (REVDET)
   (`enhancer_weight` overrides); two optimiser groups (`generator`, `enhancer`; shared layers in `enhancer`).
 - `generator_training=pretrain_then_freeze` (A.1): the first `generator_pretrain_share` of the steps train only the
-  generator (L_gen), the rest only the enhancer against the fixed generator (A.1: 300 + 300 epochs, so 0.5).
+  generator (L_gen), the rest only the enhancer against the fixed generator (A.1: 300 + 300 epochs, so 0.5); each
+  is its own run for the lr: its own warm-up (optim.warmup_epochs) and cosine decay over its part (`group_steps`).
+- Gradient clipping (Table 13: 3.0): one global norm over every parameter the step updates, generator and enhancer
+  together, as BEiT's code that CIM builds on (`clip_scope = "stage"`; `optim.clip_scope=group` clips each group).
 - Data (A.4.1): Table 13 says "RandomResizedCrop only" while Sec. 3 says "cropping and flipping"; the recipes follow
   Table 13 (data.hflip=false); flipping is one key away.
 - A ResNet's BatchNorm statistics are per device (no SyncBatchNorm), as in the paper's BEiT-based code.
@@ -127,6 +130,7 @@ class CIMOptions:
 class CIM(Method):
     options = CIMOptions
     archs = ("vit", "resnet")
+    clip_scope = "stage"        # BEiT-style code: one global norm over every parameter the step updates
     stages = (JOINT, GENERATOR_ONLY, ENHANCER_ONLY)   # every stage the schedule may run
 
     @classmethod
@@ -247,6 +251,20 @@ class CIM(Method):
         if self.opts.generator_training == "joint":
             return self.stages
         return (GENERATOR_ONLY,) if step < round(self.opts.generator_pretrain_share * total_steps) else (ENHANCER_ONLY,)
+
+    def group_steps(self, group: str, total_steps: int) -> tuple[int, int]:
+        """pretrain_then_freeze: two runs in one (A.1), each group with its own warm-up and decay over its part."""
+        if self.opts.generator_training == "joint":
+            return super().group_steps(group, total_steps)
+        switch = round(self.opts.generator_pretrain_share * total_steps)
+        return (0, switch) if group == "generator" else (switch, total_steps)
+
+    def cost_points(self, total_steps: int) -> list[tuple[int, int, float]]:
+        """pretrain_then_freeze: the generator alone, then the enhancer alone, each for its share of the steps."""
+        if self.opts.generator_training == "joint":
+            return super().cost_points(total_steps)
+        switch = round(self.opts.generator_pretrain_share * total_steps)
+        return [(0, 1, switch / total_steps), (total_steps - 1, 1, 1 - switch / total_steps)]
 
     # ------------------------------------------------------------------ generator and corruption
     def mask(self, images: torch.Tensor) -> torch.Tensor:

@@ -131,6 +131,13 @@ class GANMAE(Method):
     def schedule(self, step: int, epoch: int, total_steps: int) -> tuple[Stage, ...]:
         return self.stages if self.adversarial_from(step, total_steps) else (GENERATOR_STAGE,)
 
+    def cost_points(self, total_steps: int) -> list[tuple[int, int, float]]:
+        """Two-stage: the plain MAE part, then the adversarial part, each for its share of the steps."""
+        if self.opts.scheme != "two-stage":
+            return super().cost_points(total_steps)
+        switch = round(self.opts.two_stage_switch * total_steps)
+        return [(0, 1, switch / total_steps), (total_steps - 1, 1, 1 - switch / total_steps)]
+
     # ------------------------------------------------------------------ generator and corrupted image
     def corrupt(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(mask [B, L] True = generated, prediction in the loss's space [B, L, p*p*C], corrupted image X-)."""

@@ -91,6 +91,7 @@ Table 2's "MSG-GAN" rows (adversarial without the perceptual term) are `feature_
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -362,6 +363,33 @@ class PerceptualMAE(Method):
         trainable = lambda module: [(n, p) for n, p in module.named_parameters() if p.requires_grad]  # noqa: E731
         return {"generator": trainable(self.generator),
                 "critic": trainable(self.critic) if hasattr(self, "critic") else []}
+
+    def declared_terms(self) -> set[str]:
+        terms = super().declared_terms()
+        return terms | {self.epoch_term} if self.opts.loss != "mse" else terms
+
+    def terms_at(self, step: int, epoch: int, total_steps: int) -> set[str]:
+        terms = super().terms_at(step, epoch, total_steps)
+        return terms | {self.epoch_term} if self.opts.loss != "mse" and self.perceptual_on(epoch) else terms
+
+    def cost_points(self, total_steps: int) -> list[tuple[int, int, float]]:
+        """The epoch rule's share of on and off epochs, and within each the lazy regularisers' cycle (R1 on 1 step
+        in r1_interval, path length on 1 in pl_interval of the perceptual epochs)."""
+        o = self.opts
+        rule = o.epochs_rule if o.loss != "mse" else "every"
+        epochs = [(1, 1.0)] if rule == "every" else [(0, 0.5), (1, 0.5)]
+        r1 = o.r1_interval if o.resolved("r1_gamma") > 0 else 1
+        pl = o.pl_interval if o.resolved("pl_weight") > 0 else 1
+        period = math.lcm(r1, pl)
+        kinds: dict[tuple[bool, bool], list[int]] = {}
+        for s in range(period):                                   # one step of each kind, counted as often as it recurs
+            kinds.setdefault((s % r1 == 0, s % pl == 0), [s, 0])[1] += 1
+        return [(s, epoch, weight * n / period) for epoch, weight in epochs for s, n in kinds.values()]
+
+    @property
+    def epoch_term(self) -> str:
+        """The loss term the epoch rule switches (method.perceptual_epochs), named for the warning."""
+        return f"the {self.opts.loss} term ({self.opts.epochs_rule} epochs)"
 
     def perceptual_on(self, epoch: int) -> bool:
         """Whether the perceptual term applies in this 0-based epoch (the paper counts from 1)."""
