@@ -75,8 +75,9 @@ def test_equations_1_to_5_match_hand_computation(monkeypatch):
 
 
 @pytest.mark.parametrize("switch,kept,head", [
-    ("method.patch_loss=false", {"loss_img", "loss_cls", "loss_gan", "acc_img_real", "acc_img_fake"}, "patch_head"),
-    ("method.cls_loss=false", {"loss_img", "loss_patch", "loss_gan", "acc_patch_real", "acc_patch_fake"}, "image_head"),
+    ("method.patch_loss=false", {"loss_img", "loss_cls", "loss_gan", "acc_img_original", "acc_img_reconstructed"}, "patch_head"),
+    ("method.cls_loss=false", {"loss_img", "loss_patch", "loss_gan", "acc_patch_original", "acc_patch_visible_in_reconstruction",
+                                  "acc_patch_generated"}, "image_head"),
 ])
 def test_ablation_removes_a_whole_level(monkeypatch, switch, kept, head):
     """Table 3 "w/o patch loss" (Sec. 4.3: D solely appraises the whole image): no Eq. 3 and no micro part of
@@ -175,9 +176,10 @@ def test_tiny_ve_trains_resumes_and_discriminates(fmnist_small, tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(10, 81, 10))
     assert rows[-1]["loss_img"] < 0.8 * rows[0]["loss_img"]
-    balanced = (rows[-1]["acc_patch_real"] + rows[-1]["acc_patch_fake"]) / 2
+    balanced = (rows[-1]["acc_patch_original"] + rows[-1]["acc_patch_generated"]) / 2
     assert balanced > 0.6, rows[-1]
-    for key in ("loss_gan", "loss_patch", "loss_cls", "acc_img_real", "acc_img_fake",
+    for key in ("loss_gan", "loss_patch", "loss_cls", "acc_img_original", "acc_img_reconstructed",
+                "acc_patch_visible_in_reconstruction",
                 "grad_norm_generator", "grad_norm_discriminator"):
         assert key in rows[-1]
     assert (tmp_path / "run/samples/step-0000040.png").exists()
@@ -231,3 +233,36 @@ def test_swin_discriminator_with_simmim_generator():
     assert torch.isfinite(out["loss"])
     with pytest.raises(ValueError, match="generator=simmim"):
         build_method(load_config(None, overrides + ["method.generator=mae"]), 1)
+
+
+def test_patch_accuracies_count_each_kind_of_patch():
+    """Eq. 3 labels the original's patches and the reconstruction's visible ones real, its generated ones fake."""
+    from mimkit.methods.vision_electra import patch_accuracy
+    mask = torch.tensor([[True, False, False, True], [False, True, False, False]])        # 3 generated, 5 visible
+    original = torch.tensor([[1.0, -1.0, 2.0, 3.0], [0.5, 0.5, -0.5, 1.0]])                # 6 of 8 > 0
+    reconstruction = torch.tensor([[-2.0, 1.0, -1.0, 1.0], [-1.0, -3.0, 2.0, 2.0]])
+    # visible in the reconstruction: (0,1) 1 ok, (0,2) -1 no, (1,0) -1 no, (1,2) 2 ok, (1,3) 2 ok -> 3 of 5
+    # generated: (0,0) -2 ok, (0,3) 1 no, (1,1) -3 ok -> 2 of 3
+    acc = patch_accuracy(torch.cat([original, reconstruction]), mask)
+    assert acc["acc_patch_original"].item() == pytest.approx(6 / 8)
+    assert acc["acc_patch_visible_in_reconstruction"].item() == pytest.approx(3 / 5)
+    assert acc["acc_patch_generated"].item() == pytest.approx(2 / 3)
+
+
+@pytest.mark.parametrize("generator", ["mae", "simmim"])
+def test_forward_hands_method_noise_std_to_the_generator(generator):
+    """No stub of `generate`: the generator module itself is called with the configured latent noise."""
+    extra = ["method.mask_patch_size=4"] if generator == "simmim" else []
+    size = [int(v) for v in next(o for o in VE_PICO if o.startswith("model.img_size="))[16:-1].split(",")]
+    method = build_method(load_config(None, VE_PICO + [f"method.generator={generator}", "method.noise_std=0.37"] + extra), 1)
+    method.set_pixel_stats(torch.zeros(1, 1, 1, 1), torch.ones(1, 1, 1, 1))
+    seen = []
+    target = method.generator if generator == "mae" else method.generator.backbone
+    if generator == "mae":
+        real = target.forward
+        target.forward = lambda *a, **k: seen.append(k.get("latent_noise_std")) or real(*a, **k)
+    else:
+        real = method.generator.reconstruct
+        method.generator.reconstruct = lambda *a, **k: seen.append(k.get("latent_noise_std")) or real(*a, **k)
+    method(torch.randn(2, 1, *size))
+    assert seen and all(s == 0.37 for s in seen), seen

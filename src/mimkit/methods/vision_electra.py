@@ -243,17 +243,21 @@ class VisionElectra(Method):
 
 @torch.no_grad()
 def patch_accuracy(patch_logits: torch.Tensor, mask: torch.Tensor) -> dict:
-    """D's accuracy on the original image's patches and on the generated ones."""
+    """D's accuracy on each kind of patch Eq. 3 labels: the original image's (real), the reconstructed image's visible
+    ones (real too, and the hard ones: the same pixels beside generated neighbours) and its generated ones (fake)."""
     b = mask.shape[0]
-    generated = mask.float()
-    return {"acc_patch_real": (patch_logits[:b] > 0).float().mean(),
-            "acc_patch_fake": ((patch_logits[b:] < 0).float() * generated).sum() / generated.sum().clamp(min=1)}
+    generated, kept = mask.float(), (~mask).float()
+    on_reconstruction = patch_logits[b:]
+    return {"acc_patch_original": (patch_logits[:b] > 0).float().mean(),
+            "acc_patch_visible_in_reconstruction": ((on_reconstruction > 0).float() * kept).sum() / kept.sum().clamp(min=1),
+            "acc_patch_generated": ((on_reconstruction < 0).float() * generated).sum() / generated.sum().clamp(min=1)}
 
 
 @torch.no_grad()
 def image_accuracy(image_logits: torch.Tensor) -> dict:
     b = image_logits.shape[0] // 2
-    return {"acc_img_real": (image_logits[:b] > 0).float().mean(), "acc_img_fake": (image_logits[b:] < 0).float().mean()}
+    return {"acc_img_original": (image_logits[:b] > 0).float().mean(),
+            "acc_img_reconstructed": (image_logits[b:] < 0).float().mean()}
 
 
 def file_layer_scale(path: str) -> float | None:
