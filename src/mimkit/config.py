@@ -367,7 +367,11 @@ def validate_method(cfg: Config) -> None:
     if cfg.model.arch not in archs:
         raise ConfigError(f"method {name} pre-trains model.arch={' or '.join(archs)}, not {cfg.model.arch!r}; set "
                           f"model.arch={archs[0]}")
-    METHODS[name].check_config(cfg, method_options(cfg))
+    opts = method_options(cfg)
+    METHODS[name].check_config(cfg, opts)
+    for key, why in METHODS[name].inert_options(opts):
+        if key in cfg.method:
+            raise ConfigError(f"method.{key} has no effect {why}; remove it (or change the option that makes it inert)")
 
 
 def method_options(cfg: Config):

@@ -320,10 +320,12 @@ class Trainer:
                 if log is not None:
                     log.write(last_row)
                     eta = _minutes((self.total_steps - step_done) * last_row["step_s"])   # at the last interval's pace
-                    bar.set_postfix(loss=f"{last_row['loss']:.4f}", img_s=f"{last_row['img_per_s']:.0f}", eta=eta)
+                    shown = {name: f"{value:.4f}" for name, value in self.shown.items()}
+                    bar.set_postfix(**shown, img_s=f"{last_row['img_per_s']:.0f}", eta=eta)
                     if not interactive and not self.quiet:
-                        print(f"step {step_done}/{self.total_steps} loss {last_row['loss']:.4f} "
-                              f"lr {last_row['lr']:.2e} img/s {last_row['img_per_s']:.0f} eta {eta}", flush=True)
+                        print(f"step {step_done}/{self.total_steps} "
+                              + " ".join(f"{name} {value}" for name, value in shown.items())
+                              + f" lr {last_row['lr']:.2e} img/s {last_row['img_per_s']:.0f} eta {eta}", flush=True)
                 if last_row["max_nonfinite_streak"] >= t.nan_patience:
                     self._save(step_done)
                     raise TrainingDiverged(
@@ -392,9 +394,10 @@ class Trainer:
 
         for stage in self.method.schedule(step, epoch, self.total_steps):
             prefix = f"{stage.name}/" if self.multi_stage else ""
-            for params in self.params.values():
-                for p in params:
-                    p.grad = None
+            for group, params in self.params.items():
+                if group not in stage.keep_grads:   # kept: an earlier stage's gradients, added to here
+                    for p in params:
+                        p.grad = None
             stage_loss = torch.zeros((), device=self.device)
             for x, carry in zip(images, carries):
                 with self.autocast():
@@ -458,6 +461,12 @@ class Trainer:
         self.max_streak.zero_()  # streaks are reported per logging interval
         self.max_streak += self.streak
         row["skipped_images"] = self.skipped_images
+        headline = self.method.headline(row)
+        if headline:
+            row["loss_sum_of_stages"] = row["loss"]
+            row["loss"] = next(iter(headline.values()))
+            row.update(headline)
+        self.shown = headline or {"loss": row["loss"]}             # what the progress line prints
         return row
 
     @torch.no_grad()

@@ -25,9 +25,12 @@ from torch import nn
 
 @dataclass(frozen=True)
 class Stage:
-    """One update in a training step: which forward to run and which optimiser groups it steps."""
+    """One update in a training step: which forward to run and which optimiser groups it steps. `keep_grads`: groups
+    whose gradients from an earlier stage of the same step are kept and added to (not zeroed), so one update takes
+    both stages' gradients (GAN-MAE's `backbone_update=once`)."""
     name: str
     groups: tuple[str, ...]
+    keep_grads: tuple[str, ...] = ()
 
 
 class CheckpointMismatch(ValueError):
@@ -46,6 +49,13 @@ class Method(nn.Module):
     def check_config(cls, cfg, opts) -> None:
         """Checks across config sections (method options against model.*), run when the config is read;
         raises ValueError with one sentence naming the fix."""
+
+    @classmethod
+    def inert_options(cls, opts) -> list[tuple[str, str]]:
+        """(option, why) for each `method.*` option that has no effect given the others (e.g. GAN-MAE's
+        two_stage_switch outside the two-stage scheme); one set in a recipe or override is refused with the reason
+        when the config is read. Default: none."""
+        return []
 
     def set_pixel_stats(self, mean: torch.Tensor, std: torch.Tensor) -> None:
         """The data's per-channel mean/std [1, C, 1, 1] (the engine normalises images with them), for methods
@@ -66,6 +76,13 @@ class Method(nn.Module):
         """The stages to run at this step (0-based) and epoch of a `total_steps` run, in order. A pure function of its arguments,
         so a resumed run makes the same choices. Default: every declared stage, every step."""
         return self.stages
+
+    def headline(self, row: dict) -> dict[str, float]:
+        """What a logged row's top-level `loss` and the progress line show, from the row's averaged parts (names as
+        logged, `STAGE/` first where several stages run): {name: value}, the first value becoming `loss` (the sum of
+        the stages' losses is then kept as `loss_sum_of_stages`). Default: {} (the sum is the loss). For a method
+        whose stages pull against each other (GAN-MAE: L_adv ~ -L_disc) the sum reads like nothing."""
+        return {}
 
     def declared_terms(self) -> set[str]:
         """The stages and scheduled loss terms this method declares; the engine warns once about any that no step of a

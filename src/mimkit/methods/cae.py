@@ -216,6 +216,13 @@ class CAE(Method):
         nn.init.trunc_normal_(self.mask_token, std=0.02)
         nn.init.trunc_normal_(self.decoder.head.weight, std=0.02)
 
+    @classmethod
+    def inert_options(cls, o) -> list[tuple[str, str]]:
+        rules = [("norm_pix_loss", o.target != "pixels", "with method.target=tokens"),
+                 ("decoder_depth", not o.decoder, "with method.decoder=false (a linear layer on Z_m)"),
+                 ("alignment_weight", not o.alignment, "with method.alignment=false")]
+        return [(key, why) for key, inert, why in rules if inert]
+
     @property
     def encoder(self):
         return self._modules["encoder"]

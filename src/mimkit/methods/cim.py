@@ -153,6 +153,16 @@ class CIM(Method):
                              "method.generator_width / generator_heads or set method.share_layers=0")
 
     @classmethod
+    def inert_options(cls, o) -> list[tuple[str, str]]:
+        rules = [("rgb_bins", o.generator != "mae", "with the BEiT generator (tokens, not RGB levels)"),
+                 ("mae_decoder_depth", o.generator != "mae", "with the BEiT generator"),
+                 ("generator_pretrain_share", o.generator_training == "joint", "with method.generator_training=joint"),
+                 ("respix_target", o.objective != "respix", "with method.objective=revdet"),
+                 ("window", o.objective != "respix" or o.respix_target != "sliding_window",
+                  "unless method.objective=respix with respix_target=sliding_window")]
+        return [(key, why) for key, inert, why in rules if inert]
+
+    @classmethod
     def encoder_only_options(cls, options: dict) -> dict:
         """The same enhancer without a tokenizer file: the MAE-style generator (probing weights needs none)."""
         if options.get("generator", "beit") != "beit":

@@ -72,6 +72,10 @@ ENCODERS = ("shared", "generator", "discriminator")
 GENERATOR_STAGE = Stage("generator", ("generator", "backbone"))
 DISCRIMINATOR_STAGE = Stage("discriminator", ("discriminator", "backbone"))
 JOINT_STAGE = Stage("joint", ("generator", "discriminator", "backbone"))
+# backbone_update=once: the generator stage leaves the shared backbone's gradients for D's stage, which adds its own
+# and steps the backbone once
+GENERATOR_STAGE_ONCE = Stage("generator", ("generator",))
+DISCRIMINATOR_STAGE_ONCE = Stage("discriminator", ("discriminator", "backbone"), keep_grads=("backbone",))
 
 
 @dataclass
@@ -89,6 +93,8 @@ class GANMAEOptions:
     gamma: str | float = "adaptive"      # adaptive (VQGAN's gradient-norm balance) | a fixed number
     gamma_base: float = 0.1              # measured (see the docstring); VQGAN uses 1.0
     gamma_max: float = 1.0e4
+    backbone_update: str = "per_stage"   # per_stage (two AdamW updates of the shared backbone per step, adversarial
+                                         # and two-stage schemes) | once (both stages' gradients, one update)
 
     def __post_init__(self):   # checked when the config is read
         check_options(self)
@@ -129,7 +135,11 @@ class GANMAE(Method):
         return self.opts.scheme != "two-stage" or step >= round(self.opts.two_stage_switch * total_steps)
 
     def schedule(self, step: int, epoch: int, total_steps: int) -> tuple[Stage, ...]:
-        return self.stages if self.adversarial_from(step, total_steps) else (GENERATOR_STAGE,)
+        if not self.adversarial_from(step, total_steps):
+            return (GENERATOR_STAGE,)
+        if self.opts.backbone_update == "once" and self.stages == (GENERATOR_STAGE, DISCRIMINATOR_STAGE):
+            return (GENERATOR_STAGE_ONCE, DISCRIMINATOR_STAGE_ONCE)
+        return self.stages
 
     def cost_points(self, total_steps: int) -> list[tuple[int, int, float]]:
         """Two-stage: the plain MAE part, then the adversarial part, each for its share of the steps."""
@@ -201,6 +211,26 @@ class GANMAE(Method):
         loss_disc = discriminator_loss(logits, (~mask).float())
         return {"loss": loss_disc, "parts": {"loss_disc": loss_disc, **token_accuracy(logits.detach(), mask)}}
 
+    @classmethod
+    def inert_options(cls, o) -> list[tuple[str, str]]:
+        rules = [("two_stage_switch", o.scheme != "two-stage", "outside method.scheme=two-stage"),
+                 ("gamma_base", o.gamma != "adaptive", "with a fixed method.gamma (it scales the adaptive one)"),
+                 ("gamma_max", o.gamma != "adaptive", "with a fixed method.gamma (it clamps the adaptive one)"),
+                 ("backbone_update", o.scheme == "combined", "with method.scheme=combined (one stage: one update)"),
+                 ("backbone_update", not o.share_weights, "without a shared backbone (method.share_weights=false)")]
+        return [(key, why) for key, inert, why in rules if inert]
+
+    def headline(self, row: dict) -> dict[str, float]:
+        """`loss` = the generator's reconstruction loss L_mae (the sum L_mae + gamma L_adv + L_disc adds objectives
+        that pull against each other), and D's balanced accuracy beside it."""
+        def first(name: str):
+            return next((row[k] for k in (f"generator/{name}", f"joint/{name}", f"discriminator/{name}", name)
+                         if k in row), None)
+        shown = {"loss_mae": first("loss_mae")}
+        if first("acc_balanced") is not None:
+            shown["acc_balanced"] = first("acc_balanced")
+        return shown
+
     # ------------------------------------------------------------------ pictures and weights
     @torch.no_grad()
     def reconstruction_rows(self, images: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
@@ -250,7 +280,9 @@ def check_options(o: GANMAEOptions) -> None:
 
 @torch.no_grad()
 def token_accuracy(logits: torch.Tensor, mask: torch.Tensor) -> dict:
-    """D's per-token accuracy on the original (visible) tokens and on the generated (masked) ones."""
+    """D's per-token accuracy on the original (visible) tokens, on the generated (masked) ones, and their mean, the
+    balanced accuracy (0.5 for a D that answers the class prior, "generated" everywhere at mask 0.75)."""
     generated = mask.float()
-    return {"acc_real": ((logits > 0).float() * (1 - generated)).sum() / (1 - generated).sum().clamp(min=1),
-            "acc_fake": ((logits < 0).float() * generated).sum() / generated.sum().clamp(min=1)}
+    real = ((logits > 0).float() * (1 - generated)).sum() / (1 - generated).sum().clamp(min=1)
+    fake = ((logits < 0).float() * generated).sum() / generated.sum().clamp(min=1)
+    return {"acc_real": real, "acc_fake": fake, "acc_balanced": (real + fake) / 2}

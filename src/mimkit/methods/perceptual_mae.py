@@ -364,6 +364,20 @@ class PerceptualMAE(Method):
         return {"generator": trainable(self.generator),
                 "critic": trainable(self.critic) if hasattr(self, "critic") else []}
 
+    @classmethod
+    def inert_options(cls, o) -> list[tuple[str, str]]:
+        critic = o.loss in WITH_CRITIC
+        rules = [*((key, o.loss != "msssim", f"with method.loss={o.loss} (MS-SSIM only)")
+                   for key in ("ssim_alpha", "ssim_scales", "ssim_window")),
+                 *((key, o.loss in ("mse", "msssim"), f"with method.loss={o.loss} (no feature or style terms)")
+                   for key in ("feature_weight", "style_weight")),
+                 *((key, not critic, f"with method.loss={o.loss} (no critic)")
+                   for key in ("critic", "critic_width", "critic_depth", "adversarial_weight")),
+                 ("norm_pix_loss", o.loss != "mse", f"with method.loss={o.loss} (mse only)"),
+                 ("r1_interval", critic and not o.resolved("r1_gamma"), "with method.r1_gamma=0 (no R1)"),
+                 ("pl_interval", critic and not o.resolved("pl_weight"), "with method.pl_weight=0 (no path length)")]
+        return [(key, why) for key, inert, why in rules if inert]
+
     def declared_terms(self) -> set[str]:
         terms = super().declared_terms()
         return terms | {self.epoch_term} if self.opts.loss != "mse" else terms

@@ -118,6 +118,16 @@ class VisionElectra(Method):
         if self.generator_encoder.grid != self.grid:
             raise ValueError("G and D must share the patch grid; use the same model.patch_size for both")
 
+    @classmethod
+    def inert_options(cls, o) -> list[tuple[str, str]]:
+        rules = [("mask_patch_size", o.generator == "mae", "with the MAE generator (it masks whole patches)"),
+                 ("gan_weight", not o.gan_loss, "with method.gan_loss=false"),
+                 ("patch_head_hidden", not o.patch_loss, "with method.patch_loss=false (no patch head)"),
+                 ("decoder_dim", o.generator == "simmim", "with the SimMIM generator (a one-layer head)"),
+                 ("decoder_depth", o.generator == "simmim", "with the SimMIM generator (a one-layer head)"),
+                 ("decoder_heads", o.generator == "simmim", "with the SimMIM generator (a one-layer head)")]
+        return [(key, why) for key, inert, why in rules if inert]
+
     @property
     def encoder(self):
         return self.discriminator.backbone
