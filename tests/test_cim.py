@@ -87,7 +87,21 @@ def test_four_corrupted_images_from_one_masked_input_differ(tiny_tokenizer):
     rows = dict(method.reconstruction_rows(torch.randn(3, 1, 28, 28)))
     draws = [rows[f"corrupted {i}"] for i in range(1, 5)]
     assert all(not torch.equal(draws[0], d) for d in draws[1:])
-    assert set(rows) >= {"original", "masked", "enhancer output"}
+    assert set(rows) >= {"original", "masked", "output + original's stats (3a)", "output as predicted (3b)"}
+
+
+def test_respix_rows_say_which_one_borrows_the_originals_statistics(tiny_tokenizer):
+    """A.2 / Fig. 3: an all-zero prediction shown with the original's window mean and std *is* the original's local
+    mean (the 3a row, titled so); the 3b row shows the prediction itself, which holds nothing of the original."""
+    from mimkit.targets import sliding_window_stats
+    method = cim(tiny_tokenizer)
+    method.eval()
+    images = torch.rand(2, 1, 28, 28)
+    method.enhance = lambda corrupted: torch.zeros(2, 49, 16)                   # predicts 0 everywhere
+    rows = dict(method.reconstruction_rows(images))
+    mean, _ = sliding_window_stats(images, method.opts.window)
+    assert torch.allclose(rows["output + original's stats (3a)"], mean, atol=1e-5)   # borrowed: the answer's mean
+    assert torch.equal(rows["output as predicted (3b)"], torch.zeros(2, 3, 28, 28))  # nothing injected
 
 
 @pytest.mark.parametrize("overrides, sentence", [(["method.objective=mim"], "method.objective must be one of"),

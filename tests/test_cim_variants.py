@@ -248,3 +248,38 @@ def test_cim_clips_one_global_norm_over_both_groups(fmnist_small, tmp_path, tiny
     else:
         assert all(v.item() == pytest.approx(1e-4, rel=1e-3) for v in seen.values()), seen
         assert {"grad_norm_generator", "grad_norm_enhancer"} <= set(row)
+
+
+def test_table_10_mae_generator_has_a_decoder_width_of_its_own():
+    """Table 10's MAE-Base generator: MAE's decoder (512 wide at ViT-B) behind a wider encoder; scaled down here."""
+    method = build(CIM_MAE_GEN + ["method.generator_width=64", "method.generator_heads=4", "method.mae_decoder_dim=32",
+                                 "method.mae_decoder_heads=2"])
+    gen = method.generator
+    assert gen.encoder.embed_dim == 64 and tuple(gen.decoder_embed.weight.shape) == (32, 64)
+    assert gen.decoder_blocks[0].attn.num_heads == 2
+    assert torch.isfinite(method(torch.randn(2, 1, 28, 28))["loss"])
+
+
+def test_resnet_50_starts_as_torchvisions_and_beits_exemptions_hold(tiny_tokenizer):
+    """The paper's ResNet-50 is torchvision's: each bottleneck's last BN starts at 1 (timm zero-inits it unless told);
+    no weight decay on position tables and class tokens (BEiT's no_weight_decay), as on biases and norms."""
+    from mimkit.backbones import ResNetBackbone
+    from mimkit.engine.trainer import make_optimizer
+    from mimkit.config import GroupOptimConfig
+    blocks = [b for stage in ResNetBackbone((64, 64), 3, "50").model.children() if isinstance(stage, torch.nn.Sequential)
+              for b in stage]
+    assert len(blocks) == 16 and all(torch.equal(b.bn3.weight, torch.ones_like(b.bn3.weight)) for b in blocks)
+    timm_init = [b for stage in ResNetBackbone((64, 64), 3, "50", zero_init_last=True).model.children()
+                 if isinstance(stage, torch.nn.Sequential) for b in stage]
+    assert all(b.bn3.weight.abs().sum() == 0 for b in timm_init)
+    cfg = load_config(None, ["method.name=cim", "model.size=pico", "model.img_size=[28,28]", "model.patch_size=4",
+                             "method.generator_depth=2", f"tokenizer.path={tiny_tokenizer}"])
+    method = build_method(cfg, 1)
+    for group, named in method.optim_groups().items():
+        optimizer = make_optimizer(named, cfg, 1e-3, GroupOptimConfig(), method.no_weight_decay_keys)
+        exempt = {id(p) for g in optimizer.param_groups if g["weight_decay"] == 0 for p in g["params"]}
+        for name, p in named:
+            if name.endswith(("pos_embed", "cls_token")):
+                assert id(p) in exempt, name
+            elif name.endswith("mask_token") or (p.ndim > 1 and not name.endswith(".bias")):
+                assert id(p) not in exempt, name

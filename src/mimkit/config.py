@@ -31,6 +31,7 @@ class ModelConfig:
                                             # one relative position bias shared by all blocks, timm Beit)
     window_size: int = 7                    # swin only
     output_stride: int = 32                 # resnet only: 32, or 16 / 8 (last stages dilated, not strided)
+    zero_init_last: bool = False            # resnet only: timm's init (each block's last BN at 0); false: torchvision's
     pool: str = "cls"                       # probes: cls | mean
 
 

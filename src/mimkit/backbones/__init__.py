@@ -20,5 +20,5 @@ def build_backbone(model_cfg, in_chans: int, mask_token: bool, sincos_pos: bool 
         return SwinBackbone(window_size=model_cfg.window_size, **common)
     if model_cfg.arch == "resnet":
         return ResNetBackbone(tuple(model_cfg.img_size), in_chans, model_cfg.size, model_cfg.output_stride,
-                              model_cfg.drop_path)
+                              model_cfg.drop_path, zero_init_last=model_cfg.zero_init_last)
     raise ValueError(f"unknown model.arch {model_cfg.arch!r}; use 'vit', 'swin' or 'resnet'")

@@ -14,7 +14,8 @@ mimkit's is the reference, and every choice the paper leaves open is written her
   tokenizer decoder maps them to an image, resized to the enhancer's input (bilinear, antialiased) and normalised
   as the data. Sampling is discrete, so no enhancer gradient reaches the generator through the image.
 - `generator=mae` (Table 10): an MAE (encoder of the generator's width and depth on the visible patches,
-  `mae_decoder_depth` decoder blocks) whose decoder predicts, for every pixel value, logits over `rgb_bins` evenly
+  `mae_decoder_depth` decoder blocks, `mae_decoder_dim` wide: Table 10's MAE-Base generator is a 768-wide,
+  12-block encoder with MAE's 512-wide decoder) whose decoder predicts, for every pixel value, logits over `rgb_bins` evenly
   spaced levels of [0, 1]; trained by cross-entropy against the original's levels at the masked patches and sampled
   there as above. The paper only says it "samples RGB color values at all masked positions of the MAE decoder
   outputs"; a categorical over levels is mimkit's reading (a regression output has nothing to sample). The
@@ -44,6 +45,10 @@ mimkit's is the reference, and every choice the paper leaves open is written her
   together, as BEiT's code that CIM builds on (`clip_scope = "stage"`; `optim.clip_scope=group` clips each group).
 - Data (A.4.1): Table 13 says "RandomResizedCrop only" while Sec. 3 says "cropping and flipping"; the recipes follow
   Table 13 (data.hflip=false); flipping is one key away.
+- Weight decay and init (no official code; CIM builds on BEiT's): no decay on `pos_embed` and `cls_token` (BEiT's
+  `no_weight_decay`) besides biases and norms; the BEiT generator's mask token decays, as in BEiT. The ViT enhancer
+  keeps timm's ViT init (BEiT's trunc-normal 0.02 family); the ResNet-50 is torchvision's as the paper names it,
+  so its blocks' last BatchNorm starts at 1, not at timm's 0 (`model.zero_init_last=true` for timm's).
 - A ResNet's BatchNorm statistics are per device (no SyncBatchNorm), as in the paper's BEiT-based code.
 """
 from __future__ import annotations
@@ -87,6 +92,9 @@ class CIMOptions:
     share_layers: int | None = None        # patch embedding + this many first blocks shared (Table 5 text);
     #                                        None: 2 where sharing is possible (ViT enhancer, BEiT generator), else 0
     mae_decoder_depth: int = 2             # generator=mae: decoder blocks
+    mae_decoder_dim: int | None = None     # generator=mae: decoder width (None: the generator's; Table 10's MAE-Base
+                                           # generator: 768-wide encoder, MAE's 512-wide decoder)
+    mae_decoder_heads: int | None = None   # generator=mae: decoder heads (None: the generator's)
     rgb_bins: int = 16                     # generator=mae: levels per pixel value it predicts and samples
     generator_training: str = "joint"      # joint (Sec. 2.3) | pretrain_then_freeze (A.1)
     generator_pretrain_share: float = 0.5  # pretrain_then_freeze: share of the steps that train only the generator
@@ -101,7 +109,8 @@ class CIMOptions:
             if getattr(self, key) not in allowed:
                 raise ValueError(f"method.{key} must be one of {', '.join(allowed)}, not {getattr(self, key)!r}")
         for key, low in (("generator_depth", 1), ("generator_width", 8), ("generator_heads", 1),
-                         ("mae_decoder_depth", 1), ("rgb_bins", 2), ("window", 2)):
+                         ("mae_decoder_depth", 1), ("rgb_bins", 2), ("window", 2), ("mae_decoder_dim", 1),
+                         ("mae_decoder_heads", 1)):
             value = getattr(self, key)
             if value is not None and value < low:
                 raise ValueError(f"method.{key}={value} is out of range: it must be {low} or more")
@@ -131,6 +140,7 @@ class CIM(Method):
     options = CIMOptions
     archs = ("vit", "resnet")
     clip_scope = "stage"        # BEiT-style code: one global norm over every parameter the step updates
+    no_weight_decay_keys = ("pos_embed", "cls_token")   # BEiT's no_weight_decay (besides biases and norms)
     stages = (JOINT, GENERATOR_ONLY, ENHANCER_ONLY)   # every stage the schedule may run
 
     @classmethod
@@ -156,6 +166,8 @@ class CIM(Method):
     def inert_options(cls, o) -> list[tuple[str, str]]:
         rules = [("rgb_bins", o.generator != "mae", "with the BEiT generator (tokens, not RGB levels)"),
                  ("mae_decoder_depth", o.generator != "mae", "with the BEiT generator"),
+                 ("mae_decoder_dim", o.generator != "mae", "with the BEiT generator"),
+                 ("mae_decoder_heads", o.generator != "mae", "with the BEiT generator"),
                  ("generator_pretrain_share", o.generator_training == "joint", "with method.generator_training=joint"),
                  ("respix_target", o.objective != "respix", "with method.objective=revdet"),
                  ("window", o.objective != "respix" or o.respix_target != "sliding_window",
@@ -205,8 +217,10 @@ class CIM(Method):
             gen_encoder = ViTBackbone(img_size, patch, in_chans, embed_dim=width, depth=o.generator_depth,
                                       num_heads=heads, sincos_pos=True, mask_token=False)
             self.generator = MAEGenerator(gen_encoder, MAEOptions(mask_ratio=o.mask_ratio, norm_pix_loss=False,
-                                                                  decoder_dim=width, decoder_depth=o.mae_decoder_depth,
-                                                                  decoder_heads=heads), outputs_per_pixel=o.rgb_bins)
+                                                                  decoder_dim=o.mae_decoder_dim or width,
+                                                                  decoder_depth=o.mae_decoder_depth,
+                                                                  decoder_heads=o.mae_decoder_heads or heads),
+                                         outputs_per_pixel=o.rgb_bins)
         self.share(o.shared_layers(arch))
         self.tokens_per_cell, self.pool_cells = self.token_map(self.map_grid, self.token_grid)
         out_dim = self.cell[0] * self.cell[1] * in_chans if o.objective == "respix" else self.tokens_per_cell ** 2
@@ -370,7 +384,9 @@ class CIM(Method):
     @torch.no_grad()
     def reconstruction_rows(self, images: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
         """original | masked | four corrupted images from the same masked input (Fig. 2) | enhancer output of the
-        first: RESPIX un-normalised with the original's window statistics (A.1), REVDET P(replaced) per token."""
+        first: RESPIX as Fig. 3a (the normalised prediction un-normalised with the *original's* window or patch
+        statistics: the answer's mean and std are injected, A.2) and as Fig. 3b (the prediction itself, stretched to
+        the display range per image: nothing injected); REVDET P(replaced) per token."""
         mask = self.mask(images)
         patch = (images.shape[-2] // self.token_grid[0], images.shape[-1] // self.token_grid[1])
         keep = 1 - mask_to_pixels(mask, patch, self.token_grid).to(images.dtype)
@@ -379,7 +395,11 @@ class CIM(Method):
         rows = [("original", images), ("masked", images * keep)]
         rows += [(f"corrupted {i + 1}", d["corrupted"]) for i, d in enumerate(draws)]
         out = self.enhance(draws[0]["corrupted"])
-        if self.opts.objective == "respix":
+        if self.opts.objective == "respix" and self.opts.respix_target != "none":
+            rows.append(("output + original's stats (3a)", self.display_respix(out, images)))
+            predicted = unpatchify(out.float(), self.cell, self.map_grid, self.in_chans)
+            rows.append(RenderedRow("output as predicted (3b)", stretch_per_image(predicted)))
+        elif self.opts.objective == "respix":
             rows.append(("enhancer output", self.display_respix(out, images)))
         else:
             p_replaced = torch.sigmoid(self.revdet_logits(out))
@@ -397,3 +417,12 @@ class CIM(Method):
             p = unnormalize_patches(patch_pixels(pred, self.cell), real)
             return unpatchify(p, self.cell, self.map_grid, self.in_chans).to(images.dtype)
         return pred.to(images.dtype)
+
+
+def stretch_per_image(x: torch.Tensor) -> torch.Tensor:
+    """[B, C, H, W] of any range -> RGB in [0, 1], each image's min to 0 and max to 1 (the first three channels, or
+    the one channel repeated): a normalised prediction shown without borrowing any statistics."""
+    x = x[:, :3] if x.shape[1] >= 3 else x[:, :1].expand(-1, 3, -1, -1)
+    low = x.amin(dim=(1, 2, 3), keepdim=True)
+    high = x.amax(dim=(1, 2, 3), keepdim=True)
+    return (x - low) / (high - low).clamp(min=1e-6)
