@@ -285,3 +285,21 @@ def test_multi_scale_critic_block_kinds_and_combines():
             assert (critic.blocks[0].skip is not None) == (block == "residual")
     with pytest.raises(ValueError, match="cannot make 4 scales"):
         MultiScaleCritic(3, (20, 20), 4)
+
+
+def test_the_official_critic_map_set_drops_the_final_conv():
+    """critic_feature_maps=blocks: the perceptual terms read the S-1 block outputs only (the official MSG-GAN-P set);
+    the default reads them and the final conv's map. The terms differ by exactly that last layer's share."""
+    images = torch.randn(2, 1, 28, 28)
+    full = pmae(MSG)
+    torch.manual_seed(1)
+    every = full(images, "generator", {"epoch": 1})["parts"]
+    blocks = pmae(MSG + ["method.critic_feature_maps=blocks"])
+    torch.manual_seed(1)
+    official = blocks(images, "generator", {"epoch": 1})["parts"]
+    assert sorted(k for k in every if k.startswith("gram_diff_layer")) == [f"gram_diff_layer{j}" for j in range(3)]
+    assert sorted(k for k in official if k.startswith("gram_diff_layer")) == [f"gram_diff_layer{j}" for j in range(2)]
+    for j in range(2):
+        assert every[f"gram_diff_layer{j}"].item() == pytest.approx(official[f"gram_diff_layer{j}"].item(), rel=1e-6)
+    assert official["loss_style"].item() == pytest.approx(
+        40 * sum(every[f"gram_diff_layer{j}"] for j in range(2)).item(), rel=1e-4)

@@ -34,14 +34,21 @@ Official code's behaviour, as options (all off by default):
 - `l1_counted_twice`: its GAN loss and its perceptual loss dict both add the L1 term;
 - `adversarial_weight`: it scales the adversarial term by an unpublished 0.7 (the paper: 1);
 - `lsgan_square_batch_mean`: its LS-GAN squares the batch mean of D's output instead of averaging squares;
-- `perceptual_without_gradient`: its feature extractor runs without gradient, so feature and style terms do not
-  train G;
 - `perceptual_epochs=every`: it has no even-epoch schedule;
 - `losses_on_normalized_images`: it computes L1 and SSIM on ImageNet-normalised images (the paper does not say;
   mimkit's default, [0, 1] pixels, is the range SSIM's constants assume). Normalised images weigh L1 about 1 / std
   (2.8x on Fashion-MNIST, 4.4x on ImageNet) more against the perceptual and adversarial terms.
+- `perceptual_without_gradient`: feature and style terms do not train G, as its MSG-GAN-P path (run under
+  no_grad); its LS-GAN-P feature extractor keeps its gradient, so for LS-GAN-P the official behaviour is the
+  default (off);
+- `lsgan_half_on_fake`: its LS-GAN halves Eq. 4's fake term too (Mao et al.'s LSGAN; Eq. 4 as printed halves the
+  real term only);
+- `critic_feature_maps=blocks`: its MSG-GAN-P perceptual terms read the S-1 block outputs of the critic; mimkit's
+  default also takes the final conv's map (S maps, one per scale).
 Also different there and not an option: its critic ends in a sigmoid before the LS-GAN loss (mimkit: raw outputs, as
-LS-GAN is defined), and it takes phi from a copy of the critic refreshed every 5 epochs.
+LS-GAN is defined), and it takes phi from a copy of the critic refreshed every 5 epochs; its MS-SSIM sums the SSIM
+terms over scales, with L1 at every scale, clamped, over a bilinear pyramid (mimkit: Eq. 2 read as the mean of
+(1 - SSIM) / 2 over 4 scales of a 2x2 average-pooled pyramid, L1 on the full image only).
 
 Part 2 (Sec. 3.2-3.3; Table 1 rows 4-5). `loss=msg-gan-p` and `loss=stylegan2-ada-p` keep Eq. 6 unchanged ("the loss
 function for training D and G remains unchanged": L1 on the full image, feature + style over the critic's maps,
@@ -152,6 +159,8 @@ class PerceptualMAEOptions:
     rgb_order: str = "coarse_to_fine"      # which decoder block emits which scale (official: fine_to_coarse)
     msg_mae: bool | None = None            # encoder -> decoder skips (Sec. 3.3); None: on for the multi-scale losses
     skip_pairs: list | None = None         # [[encoder block, decoder block], ...] 0-based; None: the official pairing
+    critic_feature_maps: str = "all"      # multi-scale critics: all (the S-1 blocks' outputs and the final conv's) |
+                                           # blocks (the official code's set: the S-1 blocks' outputs only)
     critic_block: str | None = None        # msg | residual; None: msg for msg-gan-p, residual for stylegan2-ada-p
     critic_combine: str = "lin_cat"        # lin_cat | simple (MSG-GAN's combine functions)
     critic_max_width: int = 256
@@ -170,6 +179,7 @@ class PerceptualMAEOptions:
 
     def __post_init__(self):   # checked when the config is read
         choices = (("loss", LOSSES), ("critic", CRITICS), ("perceptual_epochs", (None, "even", "odd", "every")),
+                   ("critic_feature_maps", ("all", "blocks")),
                    ("rgb_order", ("coarse_to_fine", "fine_to_coarse")), ("critic_block", (None,) + BLOCKS),
                    ("critic_combine", COMBINES))
         for key, allowed in choices:
@@ -496,6 +506,8 @@ class PerceptualMAE(Method):
                 real_feats = self.tokenizer_features(images)
         if o.perceptual_without_gradient:
             fake_feats = [f.detach() for f in fake_feats]
+        if o.multi_scale and o.critic_feature_maps == "blocks":   # the official set: the S-1 block outputs only
+            fake_feats, real_feats = fake_feats[:-1], real_feats[:-1]
         feature, style = feature_matching_terms(fake_feats, real_feats)
         parts["loss_feature"] = o.feature_weight * torch.stack(feature).sum()
         parts["loss_style"] = o.style_weight * torch.stack(style).sum()
