@@ -263,3 +263,28 @@ def test_a_generator_stage_leaves_the_critic_unchanged(fmnist_small, tmp_path):
     trainer.train()
     assert [g for g, _ in checks] == ["generator", "critic"] * 3
     assert all(same for g, same in checks if g == "generator") and not any(same for g, same in checks if g == "critic")
+
+
+def test_lsgan_p_generator_terms_equal_the_official_formula_with_its_switches():
+    """tractableai/perceptual-mae (src/losses/image_reconstruction.py), LS-GAN-P's generator loss written out:
+    L1 + w_gan * 0.5 (mean D(fake) - 1)^2 + w_l1 L1 + w_perc sum_i L1(phi_i) + w_style sum_i L1(Gram(phi_i)), Gram over
+    C*H*W, L1 on the normalised images, phi_i = the critic's 4 block outputs with the gradient kept. With mimkit's
+    switches for each of these (and the same critic: its sigmoid output layer is the one difference left) the totals
+    are equal."""
+    images = torch.randn(3, 1, 28, 28)
+    switches = ["method.critic_depth=4", "method.l1_counted_twice=true", "method.lsgan_square_batch_mean=true",
+                "method.adversarial_weight=0.7", "method.losses_on_normalized_images=true",
+                "method.perceptual_epochs=every", "method.feature_weight=0.05", "method.style_weight=40.0"]
+    method, mask = frozen_mask_pmae(switches, images)
+    out = method(images, "generator", {"epoch": 0})
+    pred = method.generator(images, mask)
+    fake = F.fold(pred.transpose(1, 2), (28, 28), 4, stride=4)
+    logits, fake_maps = method.critic(fake)
+    _, real_maps = method.critic(images)
+    l1 = (fake - images).abs().mean()
+    gram = lambda f: (f.flatten(2) @ f.flatten(2).transpose(1, 2)) / f[0].numel()    # noqa: E731
+    perc = sum((f - r).abs().mean() for f, r in zip(fake_maps, real_maps))
+    style = sum((gram(f) - gram(r)).abs().mean() for f, r in zip(fake_maps, real_maps))
+    official = l1 + 0.7 * 0.5 * (logits.mean() - 1) ** 2 + 1.0 * l1 + 0.05 * perc + 40.0 * style
+    assert len(fake_maps) == 4 and out["loss"].item() == pytest.approx(official.item(), rel=1e-5)
+    assert grads(out["parts"]["loss_feature"], method.generator)                 # the gradient is kept, as there

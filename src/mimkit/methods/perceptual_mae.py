@@ -45,6 +45,8 @@ Official code's behaviour, as options (all off by default):
   real term only);
 - `critic_feature_maps=blocks`: its MSG-GAN-P perceptual terms read the S-1 block outputs of the critic; mimkit's
   default also takes the final conv's map (S maps, one per scale).
+With `l1_counted_twice`, `lsgan_square_batch_mean`, `adversarial_weight=0.7`, `losses_on_normalized_images` and
+`perceptual_epochs=every`, mimkit's LS-GAN-P generator loss equals its code's formula on the same critic (tested).
 Also different there and not an option: its critic ends in a sigmoid before the LS-GAN loss (mimkit: raw outputs, as
 LS-GAN is defined), and it takes phi from a copy of the critic refreshed every 5 epochs; its MS-SSIM sums the SSIM
 terms over scales, with L1 at every scale, clamped, over a bilinear pyramid (mimkit: Eq. 2 read as the mean of
