@@ -39,3 +39,24 @@ def test_a_run_that_never_reaches_a_term_says_so_once(fmnist_small, tmp_path):
         Trainer(cfg, tmp_path / "r").train()
     said = [str(w.message) for w in caught if "never run" in str(w.message)]
     assert len(said) == 1 and "the lsgan-p term (even epochs)" in said[0] and "lengthen the run" in said[0], said
+
+
+def test_a_recipe_states_its_papers_lr_at_its_batch_and_a_run_says_what_it_uses(fmnist_small, tmp_path, capsys):
+    """Perceptual MAE Sec. 4: lr 1.5e-4 at a batch of 16, as written (the old recipes read 16 per GPU and scaled
+    1.5e-4 per 256: 9.4e-6 on one GPU). CAE and CIM: 1.5e-3 at 2048."""
+    from mimkit.config import ConfigError, load_config
+    import pytest
+    cfg = load_config(REPO / "configs/perceptual-mae-lsgan-p_vit-b16_in1k-300e.yaml")
+    assert (cfg.optim.lr, cfg.optim.lr_batch, cfg.optim.base_lr, cfg.data.batch_size) == (1.5e-4, 16, None, 16)
+    assert Trainer.learning_rate(cfg.optim, 16)[0] == pytest.approx(1.5e-4)
+    lr, how = Trainer.learning_rate(cfg.optim, 128)                               # 16 per GPU on 8 GPUs
+    assert lr == pytest.approx(1.2e-3) and "scaled linearly to this run's 128" in how
+    for recipe in ("cae_vit-b16_in1k-1600e.yaml", "cim-respix_vit-b16_in1k-300e.yaml"):
+        assert Trainer.learning_rate(load_config(REPO / "configs" / recipe).optim, 2048)[0] == pytest.approx(1.5e-3)
+    with pytest.raises(ConfigError, match="both set the learning rate"):
+        load_config(REPO / "configs/cae_vit-b16_in1k-1600e.yaml", ["optim.base_lr=1e-4"])
+    with pytest.raises(ConfigError, match="optim.lr and optim.lr_batch go together"):
+        load_config(None, ["optim.lr=1e-3"])
+    Trainer(tiny_config(fmnist_small, "mae", ["optim.base_lr=null", "optim.lr=1e-3", "optim.lr_batch=64"]), tmp_path / "r")
+    assert ("lr 0.0005 (optim.lr 0.001 given for a global batch of 64, scaled linearly to this run's 32); global batch "
+            "32 = 32 per device x 1 accumulation x 1 process(es)") in capsys.readouterr().out

@@ -56,7 +56,9 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    base_lr: float = 1.5e-4                 # lr = base_lr * global_batch / 256
+    base_lr: float | None = None            # lr = base_lr * global_batch / 256 (MAE's rule); None: 1.5e-4 unless optim.lr
+    lr: float | None = None                 # or an absolute lr at global batch lr_batch (a paper's stated lr and batch),
+    lr_batch: int | None = None             # scaled linearly when the run's global batch differs; exclusive with base_lr
     min_lr: float = 0.0
     weight_decay: float = 0.05
     betas: list = field(default_factory=lambda: [0.9, 0.95])
@@ -305,7 +307,17 @@ def validate_values(cfg: Config) -> None:
     _check(not (d.decode_on == "device" and d.augment_on == "worker"), "data.decode_on", d.decode_on,
            "worker or auto when data.augment_on=worker (decoding on the device feeds the device crops)")
     _check(d.augment_on in ("auto", "device", "worker"), "data.augment_on", d.augment_on, "auto, device or worker")
-    _check(o.base_lr > 0, "optim.base_lr", o.base_lr, "positive")
+    if o.lr is not None and o.base_lr is not None:
+        raise ConfigError(f"optim.lr={o.lr} and optim.base_lr={o.base_lr} both set the learning rate; keep one (drop "
+                          f"the recipe's with optim.base_lr=null, or optim.lr=null optim.lr_batch=null)")
+    if (o.lr is None) != (o.lr_batch is None):
+        raise ConfigError("optim.lr and optim.lr_batch go together: the lr and the global batch it is given for "
+                          "(e.g. optim.lr=1.5e-4 optim.lr_batch=16), or neither (optim.base_lr per 256 images)")
+    if o.lr is None and o.base_lr is None:
+        o.base_lr = 1.5e-4
+    _check(o.base_lr is None or o.base_lr > 0, "optim.base_lr", o.base_lr, "positive")
+    _check(o.lr is None or o.lr > 0, "optim.lr", o.lr, "positive")
+    _check(o.lr_batch is None or o.lr_batch >= 1, "optim.lr_batch", o.lr_batch, "a global batch of at least 1")
     _check(o.min_lr >= 0, "optim.min_lr", o.min_lr, "0 or more")
     _check(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "0 or more")
     _check(o.eps > 0, "optim.eps", o.eps, "positive")

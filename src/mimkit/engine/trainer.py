@@ -136,7 +136,9 @@ class Trainer:
             round(cfg.optim.warmup_epochs * self.steps_per_epoch * self.total_steps / max(recipe_steps, 1))
         self.warmup_steps = min(warmup, max(self.total_steps - 1, 0))
         self.recipe_steps = recipe_steps
-        self.lr = cfg.optim.base_lr * self.global_batch / 256
+        self.lr, how = self.learning_rate(cfg.optim, self.global_batch)
+        self._print(f"lr {self.lr:.3g} ({how}); global batch {self.global_batch} = {cfg.data.batch_size} per device x "
+                    f"{t.accum_steps} accumulation x {self.dist.world_size} process(es)")
 
         groups = self.method.optim_groups()
         self.params = {g: [p for _, p in named] for g, named in groups.items()}
@@ -186,6 +188,16 @@ class Trainer:
             self.probe = OnlineProbe(cfg, self.in_chans, self.mean.flatten().tolist(), self.std.flatten().tolist(),
                                      self.device)
             self._print(f"{self.probe.describe()}, every {t.probe_every} steps")
+
+    @staticmethod
+    def learning_rate(o, global_batch: int) -> tuple[float, str]:
+        """The peak lr of the run and how it follows from the recipe: optim.lr at optim.lr_batch, scaled linearly to
+        this global batch, or optim.base_lr per 256 images (MAE's rule)."""
+        if o.lr is not None:
+            lr = o.lr * global_batch / o.lr_batch
+            scaled = f", scaled linearly to this run's {global_batch}" if global_batch != o.lr_batch else ""
+            return lr, f"optim.lr {o.lr:g} given for a global batch of {o.lr_batch}{scaled}"
+        return o.base_lr * global_batch / 256, f"optim.base_lr {o.base_lr:g} x {global_batch} / 256"
 
     def _scheduler(self, optimizer, group: GroupOptimConfig, span: tuple[int, int]):
         """Warm-up (the group's own, else optim.warmup_epochs) then cosine or SimMIM's multistep decay over the steps
@@ -330,7 +342,8 @@ class Trainer:
                     self._save(step_done)
                     raise TrainingDiverged(
                         f"{int(last_row['max_nonfinite_streak'])} steps in a row had a non-finite loss or gradient "
-                        f"(skipped); lower optim.base_lr, set optim.clip_grad, or use train.precision=fp32")
+                        f"(skipped); lower the lr (optim.base_lr or optim.lr), set optim.clip_grad, or use "
+                        f"train.precision=fp32")
             elif probe_due:
                 probe_row = self._online_probe(step_done)
                 tick += probe_row["probe/seconds"]                       # not training time
