@@ -30,6 +30,15 @@ Losses (logits l, D = sigmoid(l); y^k = 1 for an original token, 0 for a generat
   predicting the mean) and D at the class prior (real accuracy 0), while 0.1 took loss_mae from 2.79 to 0.56
   and D to 0.86 / 0.99 accuracy on real / generated tokens. It costs one more backward pass through D per
   step. `gamma=<number>` fixes it instead. gamma is logged.
+- D's prior phase at the shipped mask ratio (0.75; measured, tiny recipe at batch 64, 300 steps): from about step 11
+  to 50 D answers "generated" for every token (acc_real 0.00, acc_fake 1.00: the 75 % class prior; balanced accuracy
+  (acc_real + acc_fake) / 2 = 0.50), while the adaptive gamma falls from 1.0 (step 10) to 0.5 (30), 0.1 (50) and
+  0.07 (60); D then learns the visible tokens (balanced 0.79 at step 60, 0.90 at 100, 0.97 at 300, gamma 0.01).
+  `acc_balanced` is logged beside the two accuracies. No class-balanced D loss or D warm-up is offered: the phase
+  is short next to a real run and the summary prescribes neither.
+- Logged `loss` (and the progress line): L_mae, the generator's reconstruction loss, with D's balanced accuracy
+  beside it; the sum L_mae + gamma L_adv + L_disc of objectives that pull against each other reads like nothing and
+  is kept as `loss_sum_of_stages`.
 
 What the generator predicts: raw patches in the data's normalisation (`norm_pix_loss` off), so that its
 output is an image D can judge. With `norm_pix_loss=true` (MAE's best setting) the prediction is turned back
@@ -40,7 +49,10 @@ Training schemes (Table 4), all as engine stages (the method never steps an opti
 - `adversarial` (Algorithm 1, default): per batch, a generator stage on L_gen (steps G and the shared
   backbone), then a discriminator stage on L_disc over X- built from that same step's generated patches,
   detached (steps D and the shared backbone). With sharing, the shared backbone gets L_mae and gamma L_adv
-  (through G's path only) in the first stage and L_disc in the second, one optimiser stepped twice.
+  (through G's path only) in the first stage and L_disc in the second, one optimiser stepped twice: two AdamW
+  updates (and twice the weight decay) per iteration where `combined` makes one, so Table 4's rows differ in update
+  count too. `backbone_update=once` keeps the generator stage's backbone gradients, adds D's stage's and steps the
+  backbone once (`Stage.keep_grads`), the combined scheme's count in the adversarial order.
 - `combined`: one stage, one loss L_gen + L_disc with the same detachments (as Vision ELECTRA trains).
 - `two-stage`: plain MAE (L_mae only, D idle) for the first `two_stage_switch` share of the run, then
   `adversarial`.
