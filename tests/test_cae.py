@@ -164,3 +164,26 @@ def test_tiny_cae_resumes_exactly_and_learns(fmnist_small, tmp_path, tiny_tokeni
     assert full[-1][key] < full[0][key]
     assert_export_is_the_result(tmp_path / "full/last.pt", tmp_path / "enc")   # a plain timm ViT, the run's encoder
 
+
+
+def test_init_and_weight_decay_follow_the_official_code():
+    """Atten4Vis/CAE: xavier-uniform on every Linear, the encoder's too (qkv std sqrt(1 / (2 D)): 0.026 at ViT-B,
+    where timm's init gives 0.020); patch embedding, CLS token and mask query trunc-normal 0.02 within one std; the
+    optimizer exempts biases and 1-D parameters only, so the CLS token and mask query decay."""
+    from mimkit.config import GroupOptimConfig
+    from mimkit.engine.trainer import make_optimizer
+    method = build_method(load_config(None, CAE_PICO + ["method.target=pixels", "model.embed_dim=256",
+                                                        "model.num_heads=4"]), 1)
+    vit = method.encoder.model
+    qkv = vit.blocks[0].attn.qkv.weight
+    assert qkv.std().item() == pytest.approx((1 / (2 * 256)) ** 0.5, rel=0.05)                 # 0.0442 at D=256
+    assert method.decoder.head.weight.std().item() == pytest.approx((2 / (256 + 16)) ** 0.5, rel=0.1)
+    for tensor in (vit.patch_embed.proj.weight, vit.cls_token, method.mask_token):
+        assert tensor.abs().max() <= 0.02 and tensor.std() > 0.005
+    cfg = load_config(None, CAE_PICO + ["method.target=pixels"])
+    named = list(method.named_parameters())
+    optimizer = make_optimizer([(n, p) for n, p in named if p.requires_grad], cfg, 1e-3, GroupOptimConfig(),
+                               method.no_weight_decay_keys)
+    decayed = {id(p) for g in optimizer.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    assert id(vit.cls_token) in decayed and id(method.mask_token) in decayed
+    assert not any(id(p) in decayed for n, p in named if p.ndim == 1)

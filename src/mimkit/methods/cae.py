@@ -25,6 +25,9 @@ shared/papers/004_5e6749e9a4eebf02.txt, Sec. 3, Appendix A; Tables 1, 2, 5, 6).
   (`alignment_weight`); `method.alignment=false` (Table 2) removes l_z and its forward pass.
 - Masking (Sec. 3.2): BEiT's block-wise masking of exactly round(0.5 L) patches (98 of 196), minimum block 16
   patches at 196, scaled by L / 196 on other grids (`min_block_patches` sets it).
+- Init and weight decay (the official code; the paper says nothing): xavier-uniform on every Linear, the encoder's
+  included (qkv std 0.026 at ViT-B where timm's init gives 0.020), trunc-normal 0.02 on the patch embedding, CLS
+  token and mask query; weight decay on everything but biases and 1-D parameters, the CLS token and mask query too.
 - Gradient clipping (3.0): one global norm over all parameters, as the official (BEiT-based) code
   (`clip_scope = "stage"`).
 - Regressor/decoder width `decoder_dim` (default: the encoder's; the official ViT-L run uses 1024 = its
@@ -168,7 +171,8 @@ class CAE(Method):
     options = CAEOptions
     archs = ("vit",)
     clip_scope = "stage"        # the official (BEiT-based) code clips one global norm over all parameters
-    no_weight_decay_keys = ("mask_token", "gamma", "pos_embed", "cls_token")
+    no_weight_decay_keys = ("pos_embed",)   # fixed anyway; the official optimizer exempts only biases and 1-D
+                                            # parameters, so the CLS token and mask query decay (furnace/optim_factory)
 
     def __init__(self, cfg: Config, in_chans: int, opts: CAEOptions | None = None):
         super().__init__()
@@ -205,23 +209,22 @@ class CAE(Method):
         self._init_weights()
 
     def _init_weights(self) -> None:
-        """The official init: xavier-uniform linears with zero biases, unit LayerNorms, N(0, .02) tokens
-        (the encoder keeps timm's ViT init)."""
-        for module in (self.regressor, self.decoder, self.encoder_to_regressor):
-            for m in (module.modules() if module is not None else ()):
-                if isinstance(m, nn.Linear):
-                    nn.init.xavier_uniform_(m.weight)
-                    if m.bias is not None:
-                        nn.init.zeros_(m.bias)
-        nn.init.trunc_normal_(self.mask_token, std=0.02)
-        nn.init.trunc_normal_(self.decoder.head.weight, std=0.02)
-
-    @classmethod
-    def inert_options(cls, o) -> list[tuple[str, str]]:
-        rules = [("norm_pix_loss", o.target != "pixels", "with method.target=tokens"),
-                 ("decoder_depth", not o.decoder, "with method.decoder=false (a linear layer on Z_m)"),
-                 ("alignment_weight", not o.alignment, "with method.alignment=false")]
-        return [(key, why) for key, inert, why in rules if inert]
+        """The official init (modeling_cae.py: its `self.apply(self._init_weights)` runs after the parts' own): every
+        Linear, the encoder's and the decoder head included, xavier-uniform with zero biases; LayerNorms 1 / 0; the
+        patch embedding, CLS token and mask query trunc-normal 0.02 cut at one std (its `trunc_normal_` helper)."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        vit = self.encoder.model
+        for tensor in (vit.patch_embed.proj.weight, vit.cls_token, self.mask_token):
+            nn.init.trunc_normal_(tensor, std=0.02, a=-0.02, b=0.02)
+        if vit.patch_embed.proj.bias is not None:
+            nn.init.zeros_(vit.patch_embed.proj.bias)
 
     @property
     def encoder(self):
