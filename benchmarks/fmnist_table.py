@@ -87,14 +87,21 @@ def digits_idx(out: Path) -> str:
     return f"idx:{out}"
 
 
+def ensure_tokenizer(recipe: str, device: str | None) -> None:
+    """Trains the tiny dVAE a recipe's targets come from (CAE, CIM) when it is missing: before the plan, whose FLOP
+    count builds the method (2 epochs, ~24 CPU min)."""
+    from mimkit.engine.trainer import Trainer
+    from mimkit.config import load_yaml
+    path = (load_yaml(CONFIGS / f"{recipe}.yaml").get("tokenizer") or {}).get("path")
+    if path and not Path(path).exists():
+        print(f"[table] training the tokenizer {path} first (configs/tokenizer/dvae_fmnist-tiny.yaml)", flush=True)
+        Trainer(load_config(CONFIGS / "tokenizer" / "dvae_fmnist-tiny.yaml"), Path(path).parent, resume=True,
+                device=device).train()
+
+
 def pretrain(recipe: str, out: Path, steps: int, overrides: list[str], device: str | None) -> Path:
     from mimkit.engine.trainer import Trainer
     cfg = load_config(CONFIGS / f"{recipe}.yaml", overrides + [f"train.steps={steps}"])
-    tokenizer = Path(cfg.tokenizer.path) if getattr(cfg.tokenizer, "path", None) else None
-    if tokenizer is not None and not tokenizer.exists():     # CAE's targets: the tiny dVAE (2 epochs, ~24 CPU min)
-        print(f"[table] training the tokenizer {tokenizer} first (configs/tokenizer/dvae_fmnist-tiny.yaml)", flush=True)
-        Trainer(load_config(CONFIGS / "tokenizer" / "dvae_fmnist-tiny.yaml"), tokenizer.parent, resume=True,
-                device=device).train()
     if steps_done(out) < steps:
         Trainer(cfg, out, resume=True, device=device).train()
     return out
@@ -180,6 +187,8 @@ def main() -> None:
     transfer_name = "digits" if args.transfer == "sklearn-digits" else (None if transfer is None else "transfer")
     overrides = [f"data.spec={data}", f"data.batch_size={args.batch}", "train.sample_every=0", "train.log_every=20"]
     epoch_steps = math.ceil(args.epochs * (args.train_images or 60000) / args.batch)
+    for n in names:
+        ensure_tokenizer(RECIPES[n], args.device)
     flops = {n: flops_per_image(load_config(CONFIGS / f"{RECIPES[n]}.yaml", overrides), 1) for n in names}
     plan = [(n, "equal epochs", epoch_steps) for n in names]
     plan += [(n, "equal FLOPs", max(1, round(epoch_steps * flops["MAE"] / flops[n]))) for n in names if n != "MAE"]

@@ -60,9 +60,12 @@ def build_parser() -> argparse.ArgumentParser:
     lin.add_argument("--probe-batch", type=int, default=1024)
     att = evsub.add_parser("attentive", help="attentive probe (CAE): cross-attention with its own class token")
     _add_probe_args(att)
-    att.add_argument("--epochs", type=int, default=30)
-    att.add_argument("--lr", type=float, default=None, help="default CAE's 0.4 at batch 8192, scaled")
-    att.add_argument("--probe-batch", type=int, default=1024)
+    att.add_argument("--recipe", default=None, help="protocol (default configs/probe/attentive_cae-appendix-a.yaml: "
+                     "CAE's Appendix A, 90 epochs on augmented batches; attentive_cpu-small.yaml: the report's)")
+    att.add_argument("--set", dest="probe_overrides", action="append", default=[], help="recipe override key=value")
+    att.add_argument("--epochs", type=int, default=None, help="the recipe's epochs (CAE: 90)")
+    att.add_argument("--lr", type=float, default=None, help="the recipe's lr at its lr_batch (CAE: 0.4 at 8192)")
+    att.add_argument("--probe-batch", type=int, default=None, help="the recipe's batch (CAE: 8192)")
     ft = evsub.add_parser("finetune", help="end-to-end fine-tuning with layer-wise lr decay, mixup, RandAugment")
     _add_probe_args(ft)
     ft.add_argument("--recipe", default=None, help="fine-tuning recipe, e.g. configs/finetune/vit-b16_cim.yaml")
@@ -270,18 +273,12 @@ def run_probe(args, protocol: str) -> dict:
     if protocol == "finetune":
         return run_finetune(args, subject, train_part, test_part, size, mean, std, device)
     if protocol == "attentive":
-        from mimkit.eval.attentive import attentive_probe_top1
-        pool = "tokens"
+        return run_attentive(args, subject, train_part, test_part, size, mean, std, device, normalisation, start)
     tr_f, tr_y = extract_features(subject.model, train_part, size, mean, std, pool, args.batch_size, device)
     te_f, te_y = extract_features(subject.model, test_part, size, mean, std, pool, args.batch_size, device)
     if protocol == "knn":
         top1 = knn_top1(tr_f, tr_y, te_f, te_y, k=args.k, vote=args.vote)
         extra = {"k": args.k, "vote": args.vote}
-    elif protocol == "attentive":
-        heads = subject.model.blocks[0].attn.num_heads
-        top1 = attentive_probe_top1(tr_f, tr_y, te_f, te_y, num_heads=heads, epochs=args.epochs, lr=args.lr,
-                                    batch_size=args.probe_batch, seed=args.seed)
-        extra = {"epochs": args.epochs, "heads": heads}
     else:
         top1 = linear_probe_top1(tr_f, tr_y, te_f, te_y, epochs=args.epochs, lr=args.lr, optimizer=args.optimizer,
                                  batch_size=args.probe_batch, seed=args.seed)
@@ -290,6 +287,22 @@ def run_probe(args, protocol: str) -> dict:
             "normalisation": normalisation,
             "feature_dim": tr_f.shape[-1], "n_train": len(tr_y), "n_test": len(te_y), **extra,
             "wall_s": round(time.time() - start, 1)}
+
+
+def run_attentive(args, subject, train_part, test_part, size, mean, std, device, normalisation, start) -> dict:
+    from mimkit.eval.attentive import CAE_PROTOCOL, attentive_protocol_top1, load_attentive_recipe
+    if subject.model is None or not hasattr(subject.model, "blocks"):
+        raise ValueError("the attentive probe needs a ViT encoder (patch tokens); not raw pixels or a ResNet")
+    flags = {"epochs": args.epochs, "lr": args.lr, "batch_size": args.probe_batch}
+    overrides = list(args.probe_overrides) + [f"{k}={v}" for k, v in flags.items() if v is not None] + \
+        [f"seed={args.seed}"]
+    cfg = load_attentive_recipe(args.recipe, overrides)
+    heads = subject.model.blocks[0].attn.num_heads
+    top1 = attentive_protocol_top1(subject.model, train_part, test_part, size, mean, std, cfg, device, heads)
+    return {"protocol": "attentive", "top1": round(top1, 2), "encoder": subject.description,
+            "recipe": str(args.recipe or CAE_PROTOCOL), "epochs": cfg.epochs, "augment": cfg.augment,
+            "batch": min(cfg.batch_size, len(train_part)), "heads": heads, "normalisation": normalisation,
+            "n_train": len(train_part), "n_test": len(test_part), "wall_s": round(time.time() - start, 1)}
 
 
 def run_finetune(args, subject, train_part, test_part, size, mean, std, device) -> dict:

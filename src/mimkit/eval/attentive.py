@@ -1,7 +1,9 @@
 """Attentive probing (CAE, Sec. 5.2 and Appendix A): a cross-attention unit whose query is its own learnt class
 token and whose keys and values are the frozen encoder's patch tokens (the encoder's CLS excluded), with no MLP
 and no skip connection; then BatchNorm (affine=False) and a linear classifier. SGD, momentum 0.9, no weight
-decay, warm-up then cosine (CAE: 90 epochs, 10 warm-up, batch 8192, lr 0.4).
+decay, warm-up then cosine (CAE: 90 epochs, 10 warm-up, batch 8192, lr 0.4: `configs/probe/attentive_cae-appendix-a.yaml`,
+the default of `mimkit eval attentive`, trained on augmented batches through the frozen encoder as the official
+run_attentive.py; `attentive_cpu-small.yaml`, cached tokens for 30 epochs, is the report's and the benchmarks').
 
 Checked against the paper (Appendix A: "the keys and the values are the patch representations output from the
 encoder", no MLP, no skip, BatchNorm without affine, linear classifier): it matches. The official code
@@ -9,10 +11,45 @@ encoder", no MLP, no skip, BatchNorm without affine, linear classifier): it matc
 inputs, and the encoder's CLS token among the keys and values; mimkit follows the paper."""
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
 import torch
 from torch import nn
 
 from mimkit.eval.linear import top1, train_head
+
+RECIPES = Path(__file__).resolve().parents[3] / "configs" / "probe"
+CAE_PROTOCOL = RECIPES / "attentive_cae-appendix-a.yaml"     # `mimkit eval attentive`'s default
+CPU_SMALL = RECIPES / "attentive_cpu-small.yaml"             # eval report, the demo, the CPU benchmarks
+
+
+@dataclass
+class AttentiveConfig:
+    """An attentive-probe protocol (a recipe in configs/probe/)."""
+    epochs: int = 90
+    warmup_epochs: float | None = 10.0    # None: a ninth of the epochs (CAE's 10 of 90)
+    batch_size: int = 8192                # cut to the training set when larger
+    lr: float = 0.4                       # at lr_batch, scaled linearly to the batch used
+    lr_batch: int = 8192
+    augment: bool = True                  # RandomResizedCrop + flip, features on the fly; false: cached tokens
+    crop_scale: list = field(default_factory=lambda: [0.08, 1.0])
+    hflip: bool = True
+    num_workers: int = 2
+    seed: int = 0
+
+    def __post_init__(self):
+        for key in ("epochs", "batch_size", "lr_batch"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key}={getattr(self, key)} is out of range: it must be at least 1")
+        if self.lr <= 0 or (self.warmup_epochs is not None and self.warmup_epochs < 0):
+            raise ValueError("lr must be positive and warmup_epochs 0 or more")
+
+
+def load_attentive_recipe(path=None, overrides=()) -> AttentiveConfig:
+    from mimkit.config import build_dataclass, load_yaml, merge, parse_overrides
+    return build_dataclass(AttentiveConfig, merge(load_yaml(path or CAE_PROTOCOL), parse_overrides(list(overrides))))
 
 
 class CrossAttentionPool(nn.Module):
@@ -86,3 +123,50 @@ def attentive_probe_top1(train_tokens, train_labels, test_tokens, test_labels, n
     num_classes = int(max(train_labels.max(), test_labels.max())) + 1
     head = attentive_probe(train_tokens, train_labels, num_classes, num_heads, **kwargs)
     return top1(head, test_tokens, test_labels, chunk=1024)
+
+
+def attentive_protocol_top1(encoder: nn.Module, train_set, test_set, img_size, mean, std, cfg: AttentiveConfig,
+                            device="cpu", num_heads: int | None = None) -> float:
+    """Top-1 (%) of an attentive probe trained by `cfg`: with augmentation, the frozen encoder (eval mode, no gradient)
+    computes the patch tokens of every augmented batch; without, of the eval-transform images once (cached)."""
+    from torch.utils.data import DataLoader
+
+    from mimkit.data.sampler import ResumableSampler
+    from mimkit.data.transforms import Augmented, PretrainTransform
+    from mimkit.eval.features import extract_features, labels_of
+    from mimkit.eval.finetune import evaluate, normalise
+    device = torch.device(device)
+    heads = num_heads or encoder.blocks[0].attn.num_heads
+    batch = min(cfg.batch_size, len(train_set))
+    lr = cfg.lr * batch / cfg.lr_batch
+    warmup = cfg.warmup_epochs if cfg.warmup_epochs is not None else cfg.epochs / 9
+    if not cfg.augment:
+        tr = extract_features(encoder, train_set, img_size, mean, std, "tokens", device=device)
+        te = extract_features(encoder, test_set, img_size, mean, std, "tokens", device=device)
+        return attentive_probe_top1(*tr, *te, num_heads=heads, epochs=cfg.epochs, batch_size=batch, lr=lr,
+                                    warmup_epochs=warmup, seed=cfg.seed)
+    torch.manual_seed(cfg.seed)
+    num_classes = int(labels_of(train_set).max()) + 1
+    model = AttentiveClassifier(encoder, num_classes, heads).to(device)
+    opt = torch.optim.SGD(model.head.parameters(), lr=lr, momentum=0.9, weight_decay=0.0)
+    mean_t = torch.tensor(mean, device=device).view(1, -1, 1, 1)
+    std_t = torch.tensor(std, device=device).view(1, -1, 1, 1)
+    data = Augmented(train_set, PretrainTransform(img_size, cfg.crop_scale, hflip=cfg.hflip))
+    steps_per_epoch = len(train_set) // batch
+    total, warm = cfg.epochs * steps_per_epoch, round(warmup * steps_per_epoch)
+    step = 0
+    for epoch in range(cfg.epochs):
+        model.train()
+        loader = DataLoader(data, batch_size=batch, drop_last=True, num_workers=cfg.num_workers,
+                            sampler=ResumableSampler(len(train_set), cfg.seed, epoch))
+        for images, labels, _ in loader:
+            scale = (step + 1) / warm if step < warm else \
+                0.5 * (1 + math.cos(math.pi * (step - warm) / max(total - warm, 1)))
+            for group in opt.param_groups:
+                group["lr"] = lr * scale
+            loss = nn.functional.cross_entropy(model(normalise(images.to(device), mean_t, std_t)), labels.to(device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+    return evaluate(model.eval(), test_set, img_size, mean_t, std_t, device)

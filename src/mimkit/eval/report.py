@@ -49,7 +49,7 @@ def run_report(specs: list[str], out: str | Path, data: str = "fashion-mnist", p
     from mimkit.engine.logging import read_metrics, save_loss_curves
     from mimkit.eval import extract_features, knn_top1
     from mimkit.eval.attention import save_attention_grid
-    from mimkit.eval.attentive import attentive_probe_top1
+    from mimkit.eval.attentive import CPU_SMALL, attentive_probe_top1, load_attentive_recipe
     from mimkit.eval.features import labels_of, subset
     from mimkit.eval.linear import ProbedClassifier, linear_probe, linear_probe_top1
     from mimkit.eval.recon import fid_feature_network, reconstruction_metrics
@@ -82,7 +82,11 @@ def run_report(specs: list[str], out: str | Path, data: str = "fashion-mnist", p
         if "attentive" in protocols and cfg.model.arch == "vit":
             tr_t = extract_features(enc, train_part, size, entry.mean, entry.std, "tokens", device=device)
             te_t = extract_features(enc, test_part, size, entry.mean, entry.std, "tokens", device=device)
-            row["attentive"] = attentive_probe_top1(*tr_t, *te_t, num_heads=enc.blocks[0].attn.num_heads, seed=seed)
+            small = load_attentive_recipe(CPU_SMALL)     # mimkit's cached CPU probe, not CAE's protocol
+            row["attentive"] = attentive_probe_top1(*tr_t, *te_t, num_heads=enc.blocks[0].attn.num_heads, seed=seed,
+                                                    epochs=small.epochs, batch_size=small.batch_size,
+                                                    lr=small.lr * small.batch_size / small.lr_batch,
+                                                    warmup_epochs=small.epochs / 9)
         if "recon" in protocols:
             row["recon"] = reconstruction_metrics(entry.method, test_part, size, entry.mean, entry.std,
                                                   num_images=min(500, len(test_part)), device=device,
