@@ -18,7 +18,8 @@ CAE_PICO = ["method.name=cae", "model.size=pico", "model.img_size=[28,28]", "mod
 def cae(overrides=(), tokenizer=None, seed=0):
     torch.manual_seed(seed)
     extra = [f"tokenizer.path={tokenizer}"] if tokenizer else ["method.target=pixels"]
-    method = build_method(load_config(None, CAE_PICO + extra + list(overrides)), 1)
+    base = [o for o in CAE_PICO if "method.decoder=false" not in overrides or not o.startswith("method.decoder_depth")]
+    method = build_method(load_config(None, base + extra + list(overrides)), 1)
     method.set_pixel_stats(torch.full((1, 1, 1, 1), 0.3), torch.full((1, 1, 1, 1), 0.35))
     return method
 

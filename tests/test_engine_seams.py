@@ -72,7 +72,8 @@ def toy(monkeypatch):
 def toy_config(data, extra=()):
     return load_config(None, ["method.name=toy", "model.img_size=[28,28]", "model.patch_size=4", f"data.spec=idx:{data}",
                               "data.batch_size=256", "data.num_workers=0", "data.crop_scale=[0.5,1.0]",
-                              "optim.base_lr=1e-2", "optim.warmup_epochs=0", "train.steps=24", "train.log_every=1",
+                              "optim.base_lr=1e-2", "optim.warmup_epochs=0", "train.steps=24", "train.epochs=3",
+                              "train.log_every=1",
                               "train.ckpt_every=1000", "train.sample_every=0", *extra])
 
 

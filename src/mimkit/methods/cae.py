@@ -226,6 +226,13 @@ class CAE(Method):
         if vit.patch_embed.proj.bias is not None:
             nn.init.zeros_(vit.patch_embed.proj.bias)
 
+    @classmethod
+    def inert_options(cls, o) -> list[tuple[str, str]]:
+        rules = [("norm_pix_loss", o.target != "pixels", "with method.target=tokens"),
+                 ("decoder_depth", not o.decoder, "with method.decoder=false (a linear layer on Z_m)"),
+                 ("alignment_weight", not o.alignment, "with method.alignment=false")]
+        return [(key, why) for key, inert, why in rules if inert]
+
     @property
     def encoder(self):
         return self._modules["encoder"]
