@@ -217,6 +217,18 @@ class Method(nn.Module):
         return []
 
 
+def init_xavier_linears(module: nn.Module) -> None:
+    """MAE's and CAE's official init of every Linear below `module` (xavier-uniform, zero bias) and LayerNorm (1, 0)."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
 def mismatch_sentence(key: str, theirs: tuple, ours: tuple, source: str) -> str:
     if key.endswith("patch_embed.proj.weight") and len(theirs) == 4 and theirs[1] != ours[1]:
         return (f"{source} was trained on {theirs[1]}-channel images but this model takes {ours[1]} channels; "

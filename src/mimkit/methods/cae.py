@@ -52,7 +52,7 @@ from torch import nn
 from mimkit.backbones import build_backbone, sincos_pos_embed_2d
 from mimkit.config import Config, method_options
 from mimkit.masking import beit_min_block, block_mask, gather_tokens, visible_indices
-from mimkit.methods.base import Method
+from mimkit.methods.base import Method, init_xavier_linears
 from mimkit.patches import mask_to_pixels, patchify, unpatchify
 from mimkit.targets import patch_pixels, unnormalize_patches
 
@@ -212,14 +212,7 @@ class CAE(Method):
         """The official init (modeling_cae.py: its `self.apply(self._init_weights)` runs after the parts' own): every
         Linear, the encoder's and the decoder head included, xavier-uniform with zero biases; LayerNorms 1 / 0; the
         patch embedding, CLS token and mask query trunc-normal 0.02 cut at one std (its `trunc_normal_` helper)."""
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_xavier_linears(self)
         vit = self.encoder.model
         for tensor in (vit.patch_embed.proj.weight, vit.cls_token, self.mask_token):
             nn.init.trunc_normal_(tensor, std=0.02, a=-0.02, b=0.02)

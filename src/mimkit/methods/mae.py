@@ -19,7 +19,7 @@ from mimkit.backbones import ViTBackbone, build_backbone, sincos_pos_embed_2d
 from mimkit.config import Config, method_options
 from mimkit.losses import masked_mse
 from mimkit.masking import num_masked, random_mask, scatter_tokens, visible_indices
-from mimkit.methods.base import Method
+from mimkit.methods.base import Method, init_xavier_linears
 from mimkit.patches import mask_to_pixels, patchify, unpatchify
 from mimkit.targets import patch_pixels, unnormalize_patches
 
@@ -61,14 +61,7 @@ class MAEGenerator(nn.Module):
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         nn.init.normal_(self.encoder.model.cls_token, std=0.02)
         nn.init.normal_(self.mask_token, std=0.02)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_xavier_linears(self)
 
     def mask(self, images: torch.Tensor) -> torch.Tensor:
         return random_mask(images.shape[0], self.encoder.grid, self.opts.mask_ratio, images.device)
