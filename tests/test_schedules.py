@@ -60,3 +60,20 @@ def test_a_recipe_states_its_papers_lr_at_its_batch_and_a_run_says_what_it_uses(
     Trainer(tiny_config(fmnist_small, "mae", ["optim.base_lr=null", "optim.lr=1e-3", "optim.lr_batch=64"]), tmp_path / "r")
     assert ("lr 0.0005 (optim.lr 0.001 given for a global batch of 64, scaled linearly to this run's 32); global batch "
             "32 = 32 per device x 1 accumulation x 1 process(es)") in capsys.readouterr().out
+
+
+def test_a_resumed_or_finished_run_does_not_call_earlier_stages_unreached(fmnist_small, tmp_path):
+    """CIM's generator trains before the switch only: resumed after it, the run still reached it; a finished run
+    has nothing left to say."""
+    from mimkit.config import load_config
+    cfg = load_config(None, ["method.name=cim", "method.generator=mae", "model.size=pico", "model.img_size=[28,28]",
+                             "model.patch_size=4", "method.generator_depth=1", "method.mae_decoder_depth=1",
+                             "method.generator_training=pretrain_then_freeze", "train.steps=4",
+                             f"data.spec=idx:{fmnist_small}", "data.batch_size=16", "data.num_workers=0",
+                             "train.log_every=1", "train.sample_every=0"])
+    Trainer(cfg, tmp_path / "r").train(stop_after=3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        Trainer(cfg, tmp_path / "r", resume=True).train()
+        Trainer(cfg, tmp_path / "r", resume=True).train()
+    assert not [w for w in caught if "never run" in str(w.message)]

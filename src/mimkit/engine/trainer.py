@@ -378,18 +378,19 @@ class Trainer:
         return (step * self.recipe_steps // max(self.total_steps, 1)) // self.steps_per_epoch
 
     def warn_unreached_terms(self) -> None:
-        """One warning naming each stage or loss term the method declares that no step of this run reaches."""
+        """One warning naming each stage or loss term the method declares that no step of this run reaches (the
+        whole run, before a resume too; nothing is said when no step is left to train)."""
+        if self.start_step >= self.total_steps or not self.dist.is_main:
+            return
         declared = self.method.declared_terms()
         seen: set[str] = set()
-        for step in range(self.start_step, self.total_steps):
+        for step in range(self.total_steps):
             seen |= self.method.terms_at(step, self.schedule_epoch(step), self.total_steps)
             if declared <= seen:
                 return
-        missing = sorted(declared - seen)
-        if missing and self.dist.is_main:
-            warnings.warn(f"{', '.join(missing)} never run(s) in steps {self.start_step}-{self.total_steps} of this "
-                          f"run ({self.recipe_steps / self.steps_per_epoch:g} recipe epochs in {self.total_steps} steps); "
-                          f"lengthen the run (train.steps / train.epochs) to train with it", stacklevel=2)
+        warnings.warn(f"{', '.join(sorted(declared - seen))} never run(s) in this run's {self.total_steps} steps "
+                      f"({self.recipe_steps / self.steps_per_epoch:g} recipe epochs compressed into them); lengthen the "
+                      f"run (train.steps / train.epochs) to train with it", stacklevel=2)
 
     def _step(self, images: list[torch.Tensor], running: dict, counts: dict, step: int) -> None:
         accum = len(images)
