@@ -9,6 +9,51 @@ import sys
 import time
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with the project's error form: one sentence, `mimkit: error: ...`, exit 2 (no usage block)."""
+
+    def error(self, message: str):
+        self.exit(2, f"mimkit: error: {message}; see '{self.prog} --help'\n")
+
+
+def at_least(low: int):
+    """An integer option's type: at least `low`, one sentence otherwise."""
+    def check(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value} is out of range: it must be at least {low}")
+        return value
+    return check
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{value} is out of range: it must be positive")
+    return value
+
+
+def share(text: str) -> float:
+    value = positive_float(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"{value} is out of range: it must be in (0, 1]")
+    return value
+
+
+def severities(text: str) -> str:
+    """A comma-separated list of corruption severities, each 1..5 (ImageNet-C's)."""
+    parts = [t.strip() for t in text.split(",")]
+    if not parts or not all(t.isdigit() and 1 <= int(t) <= 5 for t in parts):
+        raise argparse.ArgumentTypeError(f"{text!r} must list severities from 1 to 5, e.g. 1,3,5")
+    return text
+
+
 def _add_probe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ckpt", help="RUN/last.pt or an export (FILE.safetensors)")
     p.add_argument("--config", help="recipe, with --init or --random-init")
@@ -19,25 +64,25 @@ def _add_probe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pool", choices=["cls", "mean"], help="override the run's pooling")
     p.add_argument("--normalise", choices=["checkpoint", "data"], default="checkpoint",
                    help="mean/std for the images: the run's pre-training data's (default) or --data's own")
-    p.add_argument("--train-limit", type=int, default=None, help="use a seeded subset of the train split")
-    p.add_argument("--test-limit", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--train-limit", type=at_least(1), default=None, help="use a seeded subset of the train split")
+    p.add_argument("--test-limit", type=at_least(1), default=None)
+    p.add_argument("--batch-size", type=at_least(1), default=256)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=at_least(0), default=0)
     p.add_argument("overrides", nargs="*", help="key=value config overrides (with --config)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mimkit", description=__doc__)
+    parser = Parser(prog="mimkit", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("pretrain", help="pre-train an encoder")
     p.add_argument("--config", help="recipe YAML from configs/ (default: the run's config.yaml with --resume)")
     p.add_argument("--out", required=True, help="run directory")
     p.add_argument("--data", help="fashion-mnist | idx:DIR | folder:DIR")
-    p.add_argument("--steps", type=int, help="total optimiser steps (overrides train.epochs)")
-    p.add_argument("--ckpt-every", type=int, help="write RUN/last.pt every N steps")
-    p.add_argument("--seed", type=int)
+    p.add_argument("--steps", type=at_least(1), help="total optimiser steps (overrides train.epochs)")
+    p.add_argument("--ckpt-every", type=at_least(1), help="write RUN/last.pt every N steps")
+    p.add_argument("--seed", type=at_least(0))
     p.add_argument("--online-probe", choices=["knn", "linear", "knn,linear"],
                    help="probe the encoder every train.probe_every steps (k-NN; linear: a quick probe too)")
     p.add_argument("--probe-data", help="labelled data for the online probe (default: --data)")
@@ -50,22 +95,22 @@ def build_parser() -> argparse.ArgumentParser:
     evsub = p.add_subparsers(dest="protocol", required=True)
     knn = evsub.add_parser("knn", help="k-NN top-1 on frozen features")
     _add_probe_args(knn)
-    knn.add_argument("--k", type=int, default=20)
+    knn.add_argument("--k", type=at_least(1), default=20)
     knn.add_argument("--vote", choices=["weighted", "majority"], default="weighted")
     lin = evsub.add_parser("linear", help="linear probe (BatchNorm without affine + linear) on frozen features")
     _add_probe_args(lin)
-    lin.add_argument("--epochs", type=int, default=30)
-    lin.add_argument("--lr", type=float, default=None, help="default 0.1 (sgd), 6.4 (lars, MAE/CAE)")
+    lin.add_argument("--epochs", type=at_least(1), default=30)
+    lin.add_argument("--lr", type=positive_float, default=None, help="default 0.1 (sgd), 6.4 (lars, MAE/CAE)")
     lin.add_argument("--optimizer", choices=["sgd", "lars"], default="sgd", help="lars: MAE/CAE's protocol")
-    lin.add_argument("--probe-batch", type=int, default=1024)
+    lin.add_argument("--probe-batch", type=at_least(1), default=1024)
     att = evsub.add_parser("attentive", help="attentive probe (CAE): cross-attention with its own class token")
     _add_probe_args(att)
     att.add_argument("--recipe", default=None, help="protocol (default configs/probe/attentive_cae-appendix-a.yaml: "
                      "CAE's Appendix A, 90 epochs on augmented batches; attentive_cpu-small.yaml: the report's)")
     att.add_argument("--set", dest="probe_overrides", action="append", default=[], help="recipe override key=value")
-    att.add_argument("--epochs", type=int, default=None, help="the recipe's epochs (CAE: 90)")
-    att.add_argument("--lr", type=float, default=None, help="the recipe's lr at its lr_batch (CAE: 0.4 at 8192)")
-    att.add_argument("--probe-batch", type=int, default=None, help="the recipe's batch (CAE: 8192)")
+    att.add_argument("--epochs", type=at_least(1), default=None, help="the recipe's epochs (CAE: 90)")
+    att.add_argument("--lr", type=positive_float, default=None, help="the recipe's lr at its lr_batch (CAE: 0.4 at 8192)")
+    att.add_argument("--probe-batch", type=at_least(1), default=None, help="the recipe's batch (CAE: 8192)")
     ft = evsub.add_parser("finetune", help="end-to-end fine-tuning with layer-wise lr decay, mixup, RandAugment")
     _add_probe_args(ft)
     ft.add_argument("--recipe", default=None, help="fine-tuning recipe, e.g. configs/finetune/vit-b16_cim.yaml")
@@ -73,8 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     rec = evsub.add_parser("recon", help="L1, PSNR, SSIM, MS-SSIM (and FID/IS) of a run's reconstructions")
     rec.add_argument("--ckpt", required=True, help="RUN/last.pt (the whole method, not an export)")
     rec.add_argument("--data", default="fashion-mnist")
-    rec.add_argument("--num-images", type=int, default=1000)
-    rec.add_argument("--mask-seed", type=int, default=0)
+    rec.add_argument("--num-images", type=at_least(1), default=1000)
+    rec.add_argument("--mask-seed", type=at_least(0), default=0)
     rec.add_argument("--inception-weights", help="local Inception-v3 weights file (torch-fidelity format) for FID/IS")
     rec.add_argument("--fid-encoder", help="else: a timm encoder export (.safetensors) as the FID feature network")
     rec.add_argument("--device", default=None)
@@ -82,24 +127,24 @@ def build_parser() -> argparse.ArgumentParser:
     rob.add_argument("--ckpt", required=True)
     rob.add_argument("--baseline", help="run whose errors normalise the corruption errors (default: --ckpt itself)")
     rob.add_argument("--data", default="fashion-mnist")
-    rob.add_argument("--severities", default="1,2,3,4,5")
-    rob.add_argument("--train-limit", type=int, default=None)
-    rob.add_argument("--test-limit", type=int, default=None)
+    rob.add_argument("--severities", type=severities, default="1,2,3,4,5")
+    rob.add_argument("--train-limit", type=at_least(1), default=None)
+    rob.add_argument("--test-limit", type=at_least(1), default=None)
     rob.add_argument("--device", default=None)
     rep = evsub.add_parser("report", help="several runs x several protocols -> OUT/report.md + PNGs")
     rep.add_argument("runs", nargs="+", help="RUN dirs or checkpoints; 'random:RUN' = that architecture untrained")
     rep.add_argument("--out", help="report folder (default: FIRST_RUN/report)")
     rep.add_argument("--data", default="fashion-mnist")
     rep.add_argument("--protocols", default="knn,linear,attentive,recon,robustness")
-    rep.add_argument("--train-limit", type=int, default=5000)
-    rep.add_argument("--test-limit", type=int, default=2000)
-    rep.add_argument("--severities", default="1,3,5")
+    rep.add_argument("--train-limit", type=at_least(1), default=5000)
+    rep.add_argument("--test-limit", type=at_least(1), default=2000)
+    rep.add_argument("--severities", type=severities, default="1,3,5")
     rep.add_argument("--device", default=None)
     rep.add_argument("--inception-weights", help="recon: local Inception-v3 weights file for FID and IS (Table 1)")
     rep.add_argument("--fid-encoder", help="recon: else a timm encoder export (.safetensors) as FID's feature network")
     rep.add_argument("--finetune-recipe", help="finetune: a recipe, e.g. configs/finetune/fmnist-tiny.yaml (default: "
                      "3 epochs, batch 64, lr 1e-3, the ImageNet-strength mixup, cutmix and RandAugment)")
-    rep.add_argument("--finetune-epochs", type=int, default=None, help="finetune: epochs (default: the recipe's)")
+    rep.add_argument("--finetune-epochs", type=at_least(1), default=None, help="finetune: epochs (default: the recipe's)")
 
     p = sub.add_parser("visualize", help="pictures of a run")
     vsub = p.add_subparsers(dest="what", required=True)
@@ -107,14 +152,14 @@ def build_parser() -> argparse.ArgumentParser:
     va.add_argument("--ckpt", required=True, help="RUN/last.pt or an export")
     va.add_argument("--out", required=True, help="PNG file")
     va.add_argument("--data", default="fashion-mnist")
-    va.add_argument("--num-images", type=int, default=8)
+    va.add_argument("--num-images", type=at_least(1), default=8)
     vr = vsub.add_parser("reconstruction", help="original | masked | reconstruction (| the method's other rows), "
                          "titled (PNG)")
     vr.add_argument("--ckpt", required=True, help="RUN or RUN/last.pt (a mimkit run: the whole method is needed)")
     vr.add_argument("--out", required=True, help="PNG file")
     vr.add_argument("--data", default="fashion-mnist")
-    vr.add_argument("--num-images", type=int, default=8)
-    vr.add_argument("--seed", type=int, default=0, help="the masks' seed")
+    vr.add_argument("--num-images", type=at_least(1), default=8)
+    vr.add_argument("--seed", type=at_least(0), default=0, help="the masks' seed")
 
     p = sub.add_parser("export", help="write the encoder as a timm state dict (safetensors) + JSON")
     p.add_argument("--ckpt", required=True)
@@ -126,9 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
     tt.add_argument("--config", help="recipe from configs/tokenizer/ (default: the run's config.yaml with --resume)")
     tt.add_argument("--out", required=True, help="run directory (RUN/last.pt is then a tokenizer path)")
     tt.add_argument("--data", help="fashion-mnist | idx:DIR | folder:DIR")
-    tt.add_argument("--steps", type=int)
-    tt.add_argument("--ckpt-every", type=int)
-    tt.add_argument("--seed", type=int)
+    tt.add_argument("--steps", type=at_least(1))
+    tt.add_argument("--ckpt-every", type=at_least(1))
+    tt.add_argument("--seed", type=at_least(0))
     tt.add_argument("--resume", action="store_true")
     tt.add_argument("--device", default=None)
     tt.add_argument("overrides", nargs="*", help="key=value config overrides")
@@ -137,15 +182,15 @@ def build_parser() -> argparse.ArgumentParser:
     te.add_argument("--tokenizer", required=True, help="RUN, RUN/last.pt or T.safetensors")
     te.add_argument("--data", default="fashion-mnist")
     te.add_argument("--split", default="test")
-    te.add_argument("--num-images", type=int, default=2000)
+    te.add_argument("--num-images", type=at_least(1), default=2000)
     te.add_argument("--device", default=None)
     ts = tsub.add_parser("show", help="PNG: original | reconstruction | 50 %% of tokens resampled")
     ts.add_argument("--tokenizer", required=True)
     ts.add_argument("--out", required=True, help="PNG file")
     ts.add_argument("--data", default="fashion-mnist")
-    ts.add_argument("--num-images", type=int, default=8)
-    ts.add_argument("--ratio", type=float, default=0.5, help="share of tokens replaced by sampled ones")
-    ts.add_argument("--seed", type=int, default=0)
+    ts.add_argument("--num-images", type=at_least(1), default=8)
+    ts.add_argument("--ratio", type=share, default=0.5, help="share of tokens replaced by sampled ones")
+    ts.add_argument("--seed", type=at_least(0), default=0)
     tc = tsub.add_parser("convert-dalle", help="OpenAI's DALL-E encoder.pkl + decoder.pkl -> T.safetensors")
     tc.add_argument("--encoder", required=True)
     tc.add_argument("--decoder", required=True)
@@ -158,13 +203,13 @@ def build_parser() -> argparse.ArgumentParser:
     pk.add_argument("--data", required=True, help="folder:DIR (DIR/train if present)")
     pk.add_argument("--out", required=True, help="an empty folder for the shards")
     pk.add_argument("--shard-size", default="1GB", help="largest shard, e.g. 512MB, 1GB (default)")
-    pk.add_argument("--channels", type=int, default=None, help="convert every image to this many channels")
+    pk.add_argument("--channels", type=at_least(1), default=None, help="convert every image to this many channels")
 
     p = sub.add_parser("bench", help="a recipe's cost here: parameters per part, FLOPs per image, images/s, memory")
     p.add_argument("--config", required=True, action="append", help="recipe YAML (repeat for several)")
-    p.add_argument("--batch", type=int, default=None, help="images per step (default: the recipe's data.batch_size)")
-    p.add_argument("--steps", type=int, default=10, help="timed steps per mode")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation happens here)")
+    p.add_argument("--batch", type=at_least(1), default=None, help="images per step (default: the recipe's data.batch_size)")
+    p.add_argument("--steps", type=at_least(1), default=10, help="timed steps per mode")
+    p.add_argument("--warmup", type=at_least(0), default=3, help="untimed steps first (compilation happens here)")
     p.add_argument("--modes", default="eager,compiled", help="eager, compiled or both")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("overrides", nargs="*", help="key=value config overrides")
@@ -173,8 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
                                     "probes; RUN/report.md after every stage")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--config", default=None, help="recipe (default: Vision ELECTRA, compared with MAE)")
-    p.add_argument("--steps", type=int, default=None, help="pre-training steps (default: the recipe's)")
-    p.add_argument("--train-limit", type=int, default=5000, help="train images used by the probes")
+    p.add_argument("--steps", type=at_least(1), default=None, help="pre-training steps (default: the recipe's)")
+    p.add_argument("--train-limit", type=at_least(1), default=5000, help="train images used by the probes")
     p.add_argument("--device", default=None)
     return parser
 
@@ -182,7 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_pretrain(args) -> None:
     from pathlib import Path
 
-    from mimkit.config import load_config
+    from mimkit.config import ConfigError, load_config
     from mimkit.engine.trainer import Trainer
     from mimkit.engine import dist as D
 
@@ -190,7 +235,8 @@ def cmd_pretrain(args) -> None:
     if config is None:
         saved = Path(args.out) / "config.yaml"
         if not (args.resume and saved.exists()):
-            raise SystemExit("mimkit: error: pass --config configs/X.yaml (or --resume an existing run)")
+            raise ConfigError(f"{args.out} holds no run to resume (no config.yaml); pass --config configs/X.yaml to "
+                              f"start one" if args.resume else "pass --config configs/X.yaml (or --resume an existing run)")
         config = saved
     extra = list(args.overrides)
     if args.data:
@@ -404,7 +450,10 @@ def parse_args(argv: list[str] | None = None, parser: argparse.ArgumentParser | 
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    try:
+        args = parse_args(argv)
+    except SystemExit as done:     # --help (0) or a usage error, already said in one line (2)
+        return done.code if isinstance(done.code, int) else 2
     from mimkit.config import ConfigError
     from mimkit.data import DataError
     from mimkit.engine.checkpoint import CheckpointError

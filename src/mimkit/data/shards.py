@@ -45,6 +45,8 @@ def pack_shards(spec: str, out: str | Path, shard_bytes: int = 1 << 30, channels
     root = path / "train" if (path / "train").is_dir() else path
     dataset = ImageFolderDataset(root, channels)
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out {out} is a file; give a folder (new or empty) for the shards")
     out.mkdir(parents=True, exist_ok=True)
     if any(out.glob("shard-*.tar")):
         raise FileExistsError(f"{out} already holds shards; pick an empty --out folder")
@@ -97,6 +99,11 @@ class ShardStream(IterableDataset):
         except (OSError, ValueError) as err:
             raise DataError(f"no readable {INDEX} in {base} ({err}); write shards with 'mimkit data pack --data "
                             f"folder:DIR --out {base}'") from None
+        if not (isinstance(self.index, dict) and isinstance(self.index.get("shards"), list)
+                and all(isinstance(x, dict) and {"file", "count"} <= set(x) for x in self.index["shards"])
+                and {"channels", "mean", "std", "classes"} <= set(self.index)):
+            raise DataError(f"{base}/{INDEX} is not a mimkit shard index (it needs 'shards': [{{'file', 'count'}}, ...], "
+                            f"'channels', 'mean', 'std', 'classes'); write the shards with 'mimkit data pack'")
         names = [s["file"] for s in self.index["shards"]]
         if pattern:
             from fnmatch import fnmatchcase

@@ -41,13 +41,22 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     if path.suffix == ".safetensors":
         from safetensors import safe_open
         from safetensors.torch import load_file
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata() or {}
+        try:
+            with safe_open(str(path), "pt") as f:
+                meta = f.metadata() or {}
+        except Exception as err:   # safetensors raises its own SafetensorError for a file it cannot parse
+            raise CheckpointError(f"{path} is not a readable .safetensors file ({str(err).splitlines()[0]}); it may be "
+                                  f"truncated or another format: convert DALL-E's with 'mimkit tokenizer convert-dalle' "
+                                  f"or point tokenizer.path at a tokenizer run") from None
         if meta.get("format") != FILE_FORMAT or meta.get("kind") not in KINDS:
             raise CheckpointError(f"{path} is not a mimkit tokenizer file (no tokenizer metadata); write one with "
                                   f"'mimkit tokenizer convert-dalle' or from a tokenizer run")
         tokenizer = KINDS[meta["kind"]](**json.loads(meta["arch"]))
-        tokenizer.load_state_dict(load_file(str(path)))
+        try:
+            tokenizer.load_state_dict(load_file(str(path)))
+        except Exception as err:   # a header that parses over a truncated body
+            raise CheckpointError(f"{path} holds a tokenizer header but its weights cannot be read "
+                                  f"({str(err).splitlines()[0]}); the file is truncated or damaged: write it again") from None
     else:
         from mimkit.export import method_from_checkpoint
         from mimkit.methods import TOKENIZER_METHODS
