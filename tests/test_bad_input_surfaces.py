@@ -59,3 +59,75 @@ def test_data_pack_onto_a_file_and_resume_with_nothing_to_resume(capsys, tmp_pat
 def test_numeric_options_are_range_checked_when_parsed(capsys, argv, sentence):
     err = error_of(capsys, argv)
     assert sentence in err, err
+
+
+class FillsUp:
+    """A file that takes `room` bytes, then fails the way a full disk does: an OSError on the write that does not fit
+    (`short=False`), or a short write that reports fewer bytes than asked (`short=True`, which PyTorch's zip writer
+    turns into `RuntimeError: ... unexpected pos`)."""
+
+    def __init__(self, real, room: int, short: bool):
+        self.real, self.room, self.short = real, room, short
+
+    def write(self, data) -> int:
+        data = bytes(data)
+        if len(data) <= self.room:
+            self.room -= len(data)
+            return self.real.write(data)
+        if not self.short:
+            import errno
+            raise OSError(errno.ENOSPC, "No space left on device")
+        fitted, self.room = data[:self.room], 0
+        return self.real.write(fitted)
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.real.close()
+        return False
+
+
+@pytest.mark.parametrize("short", [False, True])
+def test_a_disk_that_fills_during_a_checkpoint(capsys, tmp_path, fmnist_small, monkeypatch, short):
+    """The first checkpoint is written; the disk then fills during the next one: one sentence, exit 2, the previous
+    checkpoint intact and no partial file left."""
+    import builtins
+
+    from mimkit.engine import checkpoint
+    from mimkit.engine.checkpoint import load_checkpoint
+    run = tmp_path / "r"
+    argv = ["pretrain", "--config", str(REPO / "configs/mae_vit-mini_fmnist-tiny.yaml"), "--out", str(run), "--data",
+            f"idx:{fmnist_small}", "model.size=pico", "method.decoder_dim=32", "method.decoder_depth=1",
+            "data.batch_size=8", "data.num_workers=0", "train.sample_every=0", "train.log_every=1", "train.ckpt_every=2"]
+    assert main(argv + ["--steps", "2"]) == 0
+    size = (run / "last.pt").stat().st_size
+    monkeypatch.setattr(checkpoint, "open", lambda path, mode="r", *a, **k: FillsUp(builtins.open(path, mode, *a, **k),
+                                                                                   size // 3, short), raising=False)
+    err = error_of(capsys, argv + ["--steps", "4", "--resume"])
+    assert "could not write" in err and "free disk space" in err and "previous checkpoint" in err
+    assert load_checkpoint(run / "last.pt")["step"] == 2
+    assert not [p for p in run.iterdir() if ".tmp" in p.name]
+
+
+def test_a_real_small_filesystem_fills_during_the_first_checkpoint(capsys, tmp_path, fmnist_small):
+    """On a 256 KiB tmpfs (root only; skipped where no mount is allowed) the first checkpoint does not fit."""
+    import os
+    import subprocess
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    small = tmp_path / "small"
+    small.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(small)], capture_output=True).returncode:
+        pytest.skip("no tmpfs mount allowed here")
+    try:
+        err = error_of(capsys, ["pretrain", "--config", str(REPO / "configs/mae_vit-mini_fmnist-tiny.yaml"), "--out",
+                                str(small / "r"), "--data", f"idx:{fmnist_small}", "--steps", "1", "data.batch_size=8",
+                                "data.num_workers=0", "train.sample_every=0"])
+        assert "could not write" in err and "free disk space" in err
+        assert not [p for p in (small / "r").iterdir() if p.suffix == ".pt" or ".tmp" in p.name]
+    finally:
+        subprocess.run(["umount", str(small)], capture_output=True)

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import hashlib
 import os
+import zipfile
 from pathlib import Path
 
 import torch
@@ -23,15 +25,23 @@ def save_safetensors(tensors: dict, path: str | Path, metadata: dict | None = No
 def save_atomic(obj, path: str | Path, raw: bool = False) -> None:
     """torch.save (or, `raw`, the bytes `obj`) to a temporary file in the same folder, fsync, then rename over
     `path`: a crash mid-write leaves the previous file intact, and a failed write (full or read-only disk) leaves
-    no partial file."""
+    no partial file. A full disk shows as an OSError, as PyTorch's `RuntimeError: ... unexpected pos`, or as nothing
+    at all (a short write torch does not check): all three end in one sentence, the last found by checking the file."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as f:
-            f.write(obj) if raw else torch.save(obj, f)
+            try:
+                f.write(obj) if raw else torch.save(obj, f)
+            except RuntimeError as err:   # PyTorch's zip writer reports a short write (a full disk) this way
+                raise OSError(errno.ENOSPC, f"the write stopped short: {str(err).splitlines()[0][:120]}") from None
             f.flush()
             os.fsync(f.fileno())
+        # a short write can also pass silently (torch ignores a file object's count): check what reached the disk,
+        # the zip's end record for torch.save (its tail only) or the size of raw bytes
+        if not (tmp.stat().st_size == len(obj) if raw else zipfile.is_zipfile(tmp)):
+            raise OSError(errno.ENOSPC, "the file on disk is incomplete")
         os.replace(tmp, path)
     except OSError as err:
         tmp.unlink(missing_ok=True)
