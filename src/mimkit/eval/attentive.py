@@ -11,14 +11,13 @@ encoder", no MLP, no skip, BatchNorm without affine, linear classifier): it matc
 inputs, and the encoder's CLS token among the keys and values; mimkit follows the paper."""
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from mimkit.eval.linear import top1, train_head
+from mimkit.eval.linear import top1, train_head, warmup_cosine
 
 RECIPES = Path(__file__).resolve().parents[3] / "configs" / "probe"
 CAE_PROTOCOL = RECIPES / "attentive_cae-appendix-a.yaml"     # `mimkit eval attentive`'s default
@@ -160,10 +159,8 @@ def attentive_protocol_top1(encoder: nn.Module, train_set, test_set, img_size, m
         loader = DataLoader(data, batch_size=batch, drop_last=True, num_workers=cfg.num_workers,
                             sampler=ResumableSampler(len(train_set), cfg.seed, epoch))
         for images, labels, _ in loader:
-            scale = (step + 1) / warm if step < warm else \
-                0.5 * (1 + math.cos(math.pi * (step - warm) / max(total - warm, 1)))
             for group in opt.param_groups:
-                group["lr"] = lr * scale
+                group["lr"] = lr * warmup_cosine(step, warm, total)
             loss = nn.functional.cross_entropy(model(normalise(images.to(device), mean_t, std_t)), labels.to(device))
             opt.zero_grad(set_to_none=True)
             loss.backward()

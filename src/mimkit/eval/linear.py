@@ -19,6 +19,13 @@ def linear_head(dim: int, num_classes: int) -> nn.Sequential:
     return head
 
 
+def warmup_cosine(step: int, warmup: int, total: int) -> float:
+    """The probes' lr factor at a 0-based step: linear warm-up to 1 over `warmup` steps, then cosine to 0 at `total`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(total - warmup, 1)))
+
+
 def train_head(head: nn.Module, train_x: torch.Tensor, train_y: torch.Tensor, epochs: int, batch_size: int,
                lr: float, optimizer: str = "sgd", weight_decay: float = 0.0, warmup_epochs: float = 0.0,
                seed: int = 0) -> nn.Module:
@@ -40,7 +47,7 @@ def train_head(head: nn.Module, train_x: torch.Tensor, train_y: torch.Tensor, ep
             idx = order[start:start + batch_size]
             if len(idx) < 2:
                 continue
-            scale = (step + 1) / warmup if step < warmup else 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(total - warmup, 1)))
+            scale = warmup_cosine(step, warmup, total)
             for group in opt.param_groups:
                 group["lr"] = lr * scale
             loss = nn.functional.cross_entropy(head(train_x[idx]), train_y[idx])

@@ -155,8 +155,6 @@ class Method(nn.Module):
         size = tokenizer.input_size_for(grid, cfg.tokenizer.input_size, cfg.model.img_size)
         tokenizer.check_fits(in_chans, size, grid)
         self.tokenizer_size, self.tokenizer_grid = tuple(size), tuple(tokenizer.grid_for(size))
-        self.__dict__.setdefault("_frozen_use", {})["tokenizer"] = {"input_size": list(size),
-                                                                    "token_grid": list(self.tokenizer_grid)}
         return self.register_frozen("tokenizer", tokenizer, cfg.tokenizer.path)
 
     def token_ids(self, images: torch.Tensor) -> torch.Tensor:
@@ -182,7 +180,9 @@ class Method(nn.Module):
 
     def frozen_use(self, name: str) -> dict:
         """How the method uses a frozen part (a tokenizer: the size it is fed and its token grid)."""
-        return dict(self.__dict__.get("_frozen_use", {}).get(name, {}))
+        if name == "tokenizer" and hasattr(self, "tokenizer_size"):
+            return {"input_size": list(self.tokenizer_size), "token_grid": list(self.tokenizer_grid)}
+        return {}
 
     @property
     def frozen_parts(self) -> dict[str, str]:
