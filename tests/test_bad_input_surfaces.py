@@ -131,3 +131,90 @@ def test_a_real_small_filesystem_fills_during_the_first_checkpoint(capsys, tmp_p
         assert not [p for p in (small / "r").iterdir() if p.suffix == ".pt" or ".tmp" in p.name]
     finally:
         subprocess.run(["umount", str(small)], capture_output=True)
+
+
+def damaged_pack(tmp_path, count=40, per_shard=10):
+    """`count` random 16x16 PNGs in 2 classes packed into shards of `per_shard`; returns the pack folder."""
+    import numpy as np
+    from PIL import Image
+
+    from mimkit.data.shards import pack_shards
+    rng = np.random.default_rng(0)
+    for i in range(count):
+        (tmp_path / "imgs" / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (16, 16), dtype=np.uint8)).save(tmp_path / "imgs" / f"c{i % 2}" / f"{i:03d}.png")
+    pack_shards(f"folder:{tmp_path / 'imgs'}", tmp_path / "shards", max_count=per_shard)
+    return tmp_path / "shards"
+
+
+def members(shard):
+    """(name, header offset, data offset) of each member of a tar shard."""
+    import tarfile
+    with tarfile.open(shard) as tar:
+        return [(m.name, m.offset, m.offset_data) for m in tar]
+
+
+SHARD_RUN = ["--steps", "3", "model.size=pico", "model.img_size=16", "model.patch_size=4", "method.decoder_dim=32",
+             "method.decoder_depth=1", "data.batch_size=4", "data.num_workers=0", "train.sample_every=0",
+             "train.log_every=1", "optim.warmup_epochs=0"]
+
+
+@pytest.mark.parametrize("cut", ["inside a member", "at a member boundary"])
+def test_a_truncated_shard_is_named_with_its_missing_samples(capsys, tmp_path, cut):
+    pack = damaged_pack(tmp_path)
+    shard = pack / "shard-000001.tar"
+    layout = members(shard)                       # .cls, .png per sample: member 7 is the 4th sample's image
+    data = shard.read_bytes()
+    shard.write_bytes(data[:layout[7][2] + 100] if cut == "inside a member" else data[:layout[8][1]])
+    lost = 7 if cut == "inside a member" else 6   # a sample whose image is whole but whose label is cut still counts
+    run = ["pretrain", "--config", RECIPE, "--data", f"shards:{pack}"] + SHARD_RUN
+    err = error_of(capsys, run + ["--out", str(tmp_path / "stopped")])       # 7 of 40 missing > data.max_missing=1%
+    assert f"{lost} of the 40 samples index.json lists are missing" in err and \
+        f"shard-000001.tar (truncated: {lost} of its 10 samples missing)" in err and "data.max_missing" in err
+    assert not (tmp_path / "stopped" / "last.pt").exists()
+    assert main(run + ["--out", str(tmp_path / "goes-on"), "data.max_missing=0.2"]) == 0   # the stated rule: below it
+    said = capsys.readouterr().out
+    assert said.count("shard-000001.tar (truncated") == 1 and "training without them" in said
+    index = json.loads((pack / "index.json").read_text())                   # a pack written before sizes were listed
+    for entry in index["shards"]:
+        entry.pop("bytes")
+    (pack / "index.json").write_text(json.dumps(index))
+    err = error_of(capsys, run + ["--out", str(tmp_path / "old-index")])
+    assert f"shard-000001.tar (truncated: {lost} of its 10 samples missing)" in err
+
+
+def test_a_shard_cut_while_it_is_streamed_stops_the_run_naming_it(tmp_path):
+    from mimkit.data.datasets import DataError, build_dataset
+    pack = damaged_pack(tmp_path)
+    stream = build_dataset(f"shards:{pack}")                              # whole when opened
+    shard = pack / "shard-000002.tar"
+    shard.write_bytes(shard.read_bytes()[:members(shard)[9][2] + 50])    # then cut: 5 samples left
+    batches = stream.epoch(0, 0, 0, 1, 1, 4, 0, lambda image, seed: image)
+    with pytest.raises(DataError, match=r"shard-000002.tar ended after 4 of the 10 samples index.json lists "
+                                        r"\(unexpected end of data\).*--resume"):
+        list(batches)
+
+
+def test_an_undecodable_shard_member_is_skipped_and_counted(capsys, tmp_path, recwarn):
+    import io
+    import tarfile
+    pack = damaged_pack(tmp_path)
+    shard = pack / "shard-000000.tar"
+    with tarfile.open(shard) as tar:
+        parts = [(m, tar.extractfile(m).read()) for m in tar]
+    with tarfile.open(shard, "w") as tar:                                 # 000000003.png's bytes are not an image
+        for member, data in parts:
+            data = b"\x89PNG broken" if member.name == "000000003.png" else data
+            member.size = len(data)
+            tar.addfile(member, io.BytesIO(data))
+    index = json.loads((pack / "index.json").read_text())
+    index["shards"][0]["bytes"] = shard.stat().st_size
+    (pack / "index.json").write_text(json.dumps(index))
+    run = tmp_path / "r"
+    assert main(["pretrain", "--config", RECIPE, "--data", f"shards:{pack}", "--out", str(run), "--steps", "10"]
+                + SHARD_RUN[2:]) == 0                                    # one epoch: every sample read once
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["skipped_images"] == 1
+    said = [str(w.message) for w in recwarn if "could not be decoded" in str(w.message)]
+    assert said and all(w == f"skipping 000000003.png in {shard}: it could not be decoded (UnidentifiedImageError: "
+                             f"000000003.png is not in an image format PIL reads)" for w in said)

@@ -40,7 +40,7 @@ def test_a_pack_round_trips_every_image_and_label_bit_equal(tmp_path):
         assert parts[ext] == file.read_bytes() and int(parts["cls"]) == label
     assert index["channels"] == 1 and index["mean"] == pytest.approx(source.mean)
     stream = build_dataset(f"shards:{tmp_path / 'shards'}")           # a batch's JPEGs decoded together = PIL's
-    batch = stream._decode_batch(back[:12])
+    batch = stream._decode_batch([(key, parts, 0) for key, parts in back[:12]])
     assert all(torch.equal(x, source[i][0]) for i, x in enumerate(batch))
     assert main(["data", "pack", "--data", f"folder:{folder}", "--out", str(tmp_path / "shards")]) == 2  # not empty
     assert main(["data", "pack", "--data", f"folder:{folder}", "--out", str(tmp_path / "s2"), "--shard-size", "x"]) == 2

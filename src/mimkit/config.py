@@ -46,6 +46,8 @@ class DataConfig:
     hflip: bool = True
     interpolation: str = "bicubic"          # crop resizing: bicubic (MAE) | bilinear
     shuffle_buffer: int = 1000              # shards: samples in each worker's seeded shuffle buffer
+    max_missing: float = 0.01               # shards: share of the listed samples that truncated or missing shards may
+                                            # lack before the run stops (below it: one warning naming them)
     decode_on: str = "auto"                 # folders' JPEGs: worker (a batch per decode_jpeg call) | device (the
                                             # training device, nvjpeg on CUDA) | auto: device with device crops on CUDA
     augment_on: str = "auto"                # device: crops for a whole batch in one call | worker: per image | auto:
@@ -303,6 +305,7 @@ def validate_values(cfg: Config) -> None:
            "[low, high] with 0 < low <= high")
     _check(d.interpolation in ("bicubic", "bilinear"), "data.interpolation", d.interpolation, "bicubic or bilinear")
     _check(d.shuffle_buffer >= 1, "data.shuffle_buffer", d.shuffle_buffer, "at least 1")
+    _check(0 <= d.max_missing <= 1, "data.max_missing", d.max_missing, "a share from 0 to 1")
     _check(d.decode_on in ("auto", "worker", "device"), "data.decode_on", d.decode_on, "auto, worker or device")
     _check(not (d.decode_on == "device" and d.augment_on == "worker"), "data.decode_on", d.decode_on,
            "worker or auto when data.augment_on=worker (decoding on the device feeds the device crops)")

@@ -175,8 +175,12 @@ class ImageFolderDataset(Dataset):
             if not np.isfinite(arr).all():
                 raise DataError(f"{path} holds NaN or infinite values; fix or remove that file")
             return torch.from_numpy(arr)
-        from PIL import Image
-        with Image.open(io.BytesIO(data)) as img:
+        from PIL import Image, UnidentifiedImageError
+        try:
+            opened = Image.open(io.BytesIO(data))
+        except UnidentifiedImageError:      # PIL's own message names its BytesIO, not the file
+            raise UnidentifiedImageError(f"{path.name} is not in an image format PIL reads") from None
+        with opened as img:
             img.load()
             if img.mode.startswith("I;16") or img.mode == "I":     # 16-bit PNG/TIFF: scale the full range to [0, 1]
                 arr = np.asarray(img).astype(np.float32) / 65535.0
@@ -305,16 +309,18 @@ def resolve_spec(spec: str) -> tuple[str, Path]:
     return kind, Path(path).expanduser()
 
 
-def build_dataset(spec: str, split: str = "train", channels: int | None = None):
+def build_dataset(spec: str, split: str = "train", channels: int | None = None, max_missing: float = 0.01,
+                  announce=None):
     """The dataset a spec names; for folders, DIR/train and DIR/val (or DIR/test) are the splits when present.
-    `channels` (data.channels) converts a folder's images to that many channels."""
+    `channels` (data.channels) converts a folder's images to that many channels; `max_missing` (data.max_missing)
+    is the share of a shard pack's samples damaged shards may lack, `announce` prints the warning when they do."""
     kind, path = resolve_spec(spec)
     if kind == "shards":
         if split != "train":
             raise DataError(f"shards hold a training set to stream; evaluate on a labelled folder or IDX set "
                             f"(--data folder:DIR), not '{spec}'")
         from mimkit.data.shards import ShardStream
-        return ShardStream(spec.partition(":")[2], channels)
+        return ShardStream(spec.partition(":")[2], channels, max_missing=max_missing, announce=announce)
     if kind == "synthetic":
         try:
             c, h, w = (int(v) for v in str(path).lower().split("x"))

@@ -74,7 +74,8 @@ class Trainer:
         self.quiet = quiet or not self.dist.is_main
         t = cfg.train
 
-        self.dataset = build_dataset(cfg.data.spec, "train", channels=cfg.data.channels)
+        self.dataset = build_dataset(cfg.data.spec, "train", channels=cfg.data.channels,
+                                     max_missing=cfg.data.max_missing, announce=self._print)
         if isinstance(self.dataset, ShardStream):
             self.dataset.shuffle_buffer = cfg.data.shuffle_buffer
         self.in_chans = self.dataset.channels
