@@ -245,7 +245,7 @@ class ShardStream(IterableDataset):
             if seen < self.counts[s]:
                 raise DataError(f"shard {self.urls[s]} ended after {seen} of the {self.counts[s]} samples {INDEX} "
                                 f"lists{cause}; it was cut short while the run read it: copy it again and pass "
-                                f"--resume (the last checkpoint is intact)")
+                                f"--resume (checkpoints already written are intact)")
 
     def _shuffled(self, samples, gen: torch.Generator):
         """A seeded shuffle buffer: fill, then emit a random element for each new one."""
