@@ -12,7 +12,7 @@ if ! "$VPY" -c "import torch, torchvision" >/dev/null 2>&1; then
   # This workplace keeps these two wheels on local disk; elsewhere pip fetches a matching build.
   "$VPY" -m pip install -q torch==2.14.1 torchvision==0.29.1 2>/dev/null || "$VPY" -m pip install -q torch torchvision
 fi
-if ! "$VPY" -c "import mimkit, timm, safetensors, torchmetrics, torch_fidelity, vector_quantize_pytorch, pytest, xdist, dall_e" >/dev/null 2>&1; then
+if ! "$VPY" -c "import mimkit, timm, safetensors, torchmetrics, torch_fidelity, vector_quantize_pytorch, segmentation_models_pytorch, pytest, xdist, dall_e" >/dev/null 2>&1; then
   "$VPY" -m pip install -q -e ".[test]"
 fi
 DATA_DIR=${MIMKIT_DATA_DIR:-/usr/share/datasets/fashion-mnist}

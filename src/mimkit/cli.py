@@ -7,6 +7,7 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
 
 
 class Parser(argparse.ArgumentParser):
@@ -115,6 +116,25 @@ def build_parser() -> argparse.ArgumentParser:
     _add_probe_args(ft)
     ft.add_argument("--recipe", default=None, help="fine-tuning recipe, e.g. configs/finetune/vit-b16_cim.yaml")
     ft.add_argument("--set", dest="ft_overrides", action="append", default=[], help="recipe override key=value")
+    seg = evsub.add_parser("segment", help="semantic segmentation transfer: UperNet / linear / FCN head, mIoU")
+    seg.add_argument("--ckpt", help="RUN/last.pt or an export (.safetensors)")
+    seg.add_argument("--config", help="recipe YAML of the encoder (with --init or --random-init)")
+    seg.add_argument("--init", help="weights file to transfer (with --config)")
+    seg.add_argument("--random-init", action="store_true", help="same architecture, untrained weights")
+    seg.add_argument("--data", required=True, help="seg:DIR: ADE20K's layout or the generic one (classes.json)")
+    seg.add_argument("--recipe", required=True, help="protocol, e.g. configs/segment/upernet_vit-b16_ade20k-160k.yaml")
+    seg.add_argument("--set", dest="seg_overrides", action="append", default=[], help="recipe override key=value")
+    seg.add_argument("--head", choices=["upernet", "linear", "fcn"], help="the recipe's head unless given")
+    seg.add_argument("--frozen", action="store_true", help="train the head only (with --head linear: the probe)")
+    seg.add_argument("--steps", type=at_least(1), default=None, help="the recipe's iterations unless given")
+    seg.add_argument("--out", default="runs/segment", help="run folder: last.pt, metrics.jsonl, tb/, the picture")
+    seg.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    seg.add_argument("--val-limit", type=at_least(1), default=None, help="score the first N validation images")
+    seg.add_argument("--normalise", choices=["checkpoint", "data"], default="checkpoint",
+                     help="mean/std for the images: the encoder's pre-training data's (default) or --data's own")
+    seg.add_argument("--device", default=None)
+    seg.add_argument("--seed", type=at_least(0), default=0, help="the random init's seed")
+    seg.add_argument("overrides", nargs="*", help="key=value config overrides (with --config)")
     rec = evsub.add_parser("recon", help="L1, PSNR, SSIM, MS-SSIM (and FID/IS) of a run's reconstructions")
     rec.add_argument("--ckpt", required=True, help="RUN/last.pt (the whole method, not an export)")
     rec.add_argument("--data", default="fashion-mnist")
@@ -204,6 +224,14 @@ def build_parser() -> argparse.ArgumentParser:
     pk.add_argument("--out", required=True, help="an empty folder for the shards")
     pk.add_argument("--shard-size", default="1GB", help="largest shard, e.g. 512MB, 1GB (default)")
     pk.add_argument("--channels", type=at_least(1), default=None, help="convert every image to this many channels")
+    ms = dsub.add_parser("make-segmentation", help="a segmentation benchmark: Fashion-MNIST items on canvases, "
+                         "with per-pixel labels (seg:DIR)")
+    ms.add_argument("--out", required=True, help="a new folder")
+    ms.add_argument("--data", default="fashion-mnist", help="the IDX set whose items are composed")
+    ms.add_argument("--canvas", type=at_least(28), default=64, help="canvas side in pixels")
+    ms.add_argument("--train-count", type=at_least(1), default=2000, help="training canvases (train items)")
+    ms.add_argument("--val-count", type=at_least(1), default=500, help="validation canvases (test items)")
+    ms.add_argument("--seed", type=at_least(0), default=0)
 
     p = sub.add_parser("bench", help="a recipe's cost here: parameters per part, FLOPs per image, images/s, memory")
     p.add_argument("--config", required=True, action="append", help="recipe YAML (repeat for several)")
@@ -368,6 +396,46 @@ def run_finetune(args, subject, train_part, test_part, size, mean, std, device) 
             "n_test": len(test_part), "wall_s": result["wall_s"]}
 
 
+def run_segment(args) -> dict:
+    """`eval segment`: the encoder named as for the probes, fine-tuned with the recipe's head on seg:DIR."""
+    from mimkit.data.segmentation import segmentation_split
+    from mimkit.eval.encoders import probe_subject
+    from mimkit.eval.segment import (Segmenter, count_parameters, dense_encoder, draw_examples, load_segment_recipe,
+                                     train_segmenter)
+    start = time.time()
+    train_set, val_set = segmentation_split(args.data, "train"), segmentation_split(args.data, "val")
+    subject = probe_subject(args.ckpt, args.config, args.init, args.random_init, False, args.overrides,
+                            in_chans=train_set.channels, seed=args.seed)
+    if subject.timm_spec is None:
+        raise ValueError("eval segment needs an encoder: --ckpt RUN/last.pt or EXPORT, or --config with --init or "
+                         "--random-init")
+    name, kwargs = subject.timm_spec
+    if kwargs.get("in_chans", 3) != train_set.channels:
+        raise ValueError(f"the encoder takes {kwargs.get('in_chans', 3)}-channel images but {args.data} holds "
+                         f"{train_set.channels}-channel ones; segment data of the encoder's channel count")
+    flags = {"head": args.head, "frozen": "true" if args.frozen else None, "steps": args.steps}
+    cfg = load_segment_recipe(args.recipe, list(args.seg_overrides) + [f"{k}={v}" for k, v in flags.items() if v])
+    use_data = args.normalise == "data" or subject.mean is None
+    mean, std = (train_set.mean, train_set.std) if use_data else (subject.mean, subject.std)
+    encoder = dense_encoder(name, kwargs, subject.model.state_dict(), cfg, cfg.crop_size)
+    model = Segmenter(encoder, train_set.num_classes, cfg)
+    params = count_parameters(model)
+    print(f"eval segment: {cfg.head} head ({params['head']:,} parameters) on {subject.description} "
+          f"({params['encoder']:,} parameters{', frozen' if cfg.frozen else ''}); {len(train_set)} train / "
+          f"{len(val_set)} val images, {train_set.num_classes} classes", flush=True)
+    result = train_segmenter(model, train_set, val_set, mean, std, cfg, args.out, args.resume,
+                             default_device(args.device), val_limit=args.val_limit)
+    picture = draw_examples(model, val_set, mean, std, cfg.resize_short, Path(args.out) / "segment-examples.png",
+                            f"eval segment: {cfg.head}{' (frozen)' if cfg.frozen else ''} on {subject.description}"
+                            f" - val mIoU {result['miou']:.1f}")
+    return {"protocol": "segment", "miou": result["miou"], "pixel_acc": result["pixel_acc"],
+            "per_class_iou": result["per_class_iou"], "head": cfg.head, "frozen": cfg.frozen,
+            "encoder": subject.description, "recipe": args.recipe, "steps": result["steps"],
+            "n_train": len(train_set), "n_val": min(len(val_set), args.val_limit or len(val_set)),
+            "params_encoder": params["encoder"], "params_head": params["head"], "out": args.out,
+            "picture": str(picture), "wall_s": round(time.time() - start, 1)}
+
+
 def run_recon(args) -> dict:
 
     from mimkit.data import build_dataset
@@ -505,6 +573,8 @@ def _run(args) -> int:
                    args.test_limit, tuple(int(s) for s in args.severities.split(",")), device=device,
                    inception_weights=args.inception_weights, fid_encoder=args.fid_encoder,
                    finetune_recipe=args.finetune_recipe, finetune_epochs=args.finetune_epochs)
+    elif args.command == "eval" and args.protocol == "segment":
+        print(json.dumps(run_segment(args)))
     elif args.command == "eval":
         print(json.dumps(run_probe(args, args.protocol)))
     elif args.command == "visualize" and args.what == "reconstruction":
@@ -523,6 +593,11 @@ def _run(args) -> int:
         print(json.dumps({"safetensors": str(weights), "json": str(meta)}))
     elif args.command == "tokenizer":
         run_tokenizer_command(args)
+    elif args.command == "data" and args.data_command == "make-segmentation":
+        from mimkit.data.segmentation import make_segmentation
+        start = time.time()
+        made = make_segmentation(args.out, args.data, args.canvas, args.train_count, args.val_count, seed=args.seed)
+        print(json.dumps({"out": args.out, **made, "wall_s": round(time.time() - start, 1)}))
     elif args.command == "data":
         from mimkit.data.shards import pack_shards
         size = args.shard_size.strip().upper()

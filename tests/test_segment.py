@@ -1,0 +1,205 @@
+"""Segmentation transfer (issue 25): scores against a hand-made confusion matrix, the pyramid's maps from the blocks
+the recipe names, ADE20K's label shift, bad segmentation data, a tiny run whose mIoU rises above the all-background
+baseline, exact resume, and the ViT-B ADE20K recipe running two iterations at 512x512."""
+import json
+
+import numpy as np
+import pytest
+import timm
+import torch
+from PIL import Image
+
+from mimkit.cli import main
+from mimkit.data.datasets import DataError
+from mimkit.data.segmentation import SegmentationFolder, make_segmentation
+from mimkit.eval.pyramid import ResNetPyramid, ViTPyramid
+from mimkit.eval.segment import (Segmenter, confusion_matrix, dense_encoder, load_segment_recipe, segmentation_scores,
+                                 train_segmenter)
+from tests.conftest import REPO
+from tests.test_cli import error_of
+
+TINY_RECIPE = str(REPO / "configs/segment/upernet_vit-mini_fmnist-canvas.yaml")
+MAE_TINY = str(REPO / "configs/mae_vit-mini_fmnist-tiny.yaml")
+
+
+def test_scores_equal_a_confusion_matrix_counted_by_hand():
+    target = torch.tensor([[0, 0, 1, 255], [1, 2, 2, 0]])
+    pred = torch.tensor([[0, 1, 1, 3], [1, 2, 0, 0]])      # the 3 falls on an ignored pixel: class 3 is absent
+    confusion = confusion_matrix(pred, target, 4, 255)
+    assert confusion.tolist() == [[2, 1, 0, 0], [0, 2, 0, 0], [1, 0, 1, 0], [0, 0, 0, 0]]
+    scores = segmentation_scores(confusion, ["a", "b", "c", "d"])
+    # IoU: a 2 / (3 + 3 - 2) = 0.5, b 2 / (2 + 3 - 2) = 2/3, c 1 / (2 + 1 - 1) = 0.5, d absent from both: left out
+    assert scores["per_class_iou"] == {"a": 50.0, "b": 66.67, "c": 50.0, "d": None}
+    assert scores["miou"] == round(100 * (0.5 + 2 / 3 + 0.5) / 3, 2)
+    assert scores["pixel_acc"] == round(100 * 5 / 7, 2)
+
+
+def hooked_outputs(modules, run):
+    seen = {}
+    handles = [m.register_forward_hook(lambda mod, args, out, i=i: seen.__setitem__(i, out)) for i, m in enumerate(modules)]
+    try:
+        run()
+    finally:
+        for h in handles:
+            h.remove()
+    return seen
+
+
+def test_the_vit_pyramid_takes_the_named_blocks_at_strides_4_8_16_32():
+    vit = timm.create_model("vit_base_patch16_224", img_size=64, embed_dim=32, depth=12, num_heads=2, num_classes=0,
+                            dynamic_img_size=True)
+    pyramid = ViTPyramid(vit, [4, 6, 8, 12]).eval()
+    x = torch.randn(2, 3, 128, 96)
+    seen = hooked_outputs(vit.blocks, lambda: pyramid(x))
+    maps = pyramid(x)
+    assert [tuple(m.shape[-2:]) for m in maps] == [(32, 24), (16, 12), (8, 6), (4, 3)]     # 128x96 / 4, 8, 16, 32
+    assert pyramid.strides == [4, 8, 16, 32]
+    grid = [seen[b - 1][:, 1:].transpose(1, 2).reshape(2, 32, 8, 6) for b in (4, 6, 8, 12)]  # tokens of blocks 4..12
+    assert torch.equal(maps[2], grid[2])                                                # x1: block 8 as it is
+    assert torch.equal(maps[3], torch.nn.functional.max_pool2d(grid[3], 2))             # x1/2: block 12, pooled
+    assert torch.allclose(maps[1], pyramid.resample[1](grid[1]))                        # x2: block 6, deconvolved
+    assert torch.allclose(maps[0], pyramid.resample[0](grid[0]))                        # x4: block 4
+    assert not torch.allclose(maps[1], pyramid.resample[1](grid[2]))                    # and not another block's
+
+
+def test_the_resnet_pyramid_takes_its_four_stages():
+    net = timm.create_model("resnet18", layers=[1, 1, 1, 1], channels=[32, 64, 128, 256], stem_width=32, num_classes=0)
+    pyramid = ResNetPyramid(net).eval()
+    x = torch.randn(2, 3, 64, 64)
+    seen = hooked_outputs([net.layer1, net.layer2, net.layer3, net.layer4], lambda: pyramid(x))
+    maps = pyramid(x)
+    assert pyramid.strides == [4, 8, 16, 32] and [m.shape[-1] for m in maps] == [16, 8, 4, 2]
+    assert all(torch.equal(m, seen[i]) for i, m in enumerate(maps))
+
+
+def write_pair(images, labels, stem, image, label, suffix=".png"):
+    images.mkdir(parents=True, exist_ok=True)
+    labels.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(image).save(images / f"{stem}{suffix}")
+    Image.fromarray(label).save(labels / f"{stem}.png")
+
+
+def test_ade20k_labels_read_back_with_0_ignored_and_1_to_150_as_0_to_149(tmp_path):
+    root = tmp_path / "ADEChallengeData2016"
+    label = np.array([[0, 1, 2], [150, 75, 0]], np.uint8)
+    for split in ("training", "validation"):
+        write_pair(root / "images" / split, root / "annotations" / split, "ADE_1",
+                   np.zeros((2, 3, 3), np.uint8), label, ".jpg")
+    data = SegmentationFolder(root, "train")
+    assert data.layout == "ade20k" and data.num_classes == 150
+    assert data[0][1].tolist() == [[255, 0, 1], [149, 74, 255]]
+    Image.fromarray(np.array([[151, 1]], np.uint8)).save(root / "annotations" / "training" / "ADE_2.png")
+    Image.fromarray(np.zeros((1, 2, 3), np.uint8)).save(root / "images" / "training" / "ADE_2.jpg")
+    with pytest.raises(DataError, match="holds label 151, beyond the 150 classes"):
+        SegmentationFolder(root, "train")[1]
+
+
+@pytest.fixture(scope="module")
+def canvases(fmnist_small, tmp_path_factory):
+    """A small benchmark: 32x32 canvases, 256 train / 48 val."""
+    out = tmp_path_factory.mktemp("seg") / "bench"
+    make_segmentation(out, f"idx:{fmnist_small}", canvas=32, train_count=256, val_count=48, scale=(0.6, 1.0))
+    return out
+
+
+def test_make_segmentation_writes_labels_that_match_the_items(canvases, fmnist_small):
+    data = SegmentationFolder(canvases, "val")
+    assert len(data) == 48 and data.classes[0] == "background" and data.num_classes == 11
+    image, label = data[0]
+    assert image.shape == (1, 32, 32) and label.shape == (32, 32)
+    assert torch.equal(label > 0, image[0] > 25)                     # foreground where the items' pixels are
+    again = make_segmentation(canvases.parent / "again", f"idx:{fmnist_small}", canvas=32, train_count=256,
+                              val_count=48, scale=(0.6, 1.0))
+    assert again["seed"] == 0 and (canvases / "val/labels/000007.png").read_bytes() == \
+        (canvases.parent / "again/val/labels/000007.png").read_bytes()          # seeded
+
+
+@pytest.mark.parametrize("damage, sentence", [
+    ("no label", "have no label map"),
+    ("other size", "label maps must match their images pixel for pixel"),
+    ("beyond classes", "holds label 12, beyond the 11 classes declared in classes.json"),
+])
+def test_bad_segmentation_data_is_one_sentence(capsys, tmp_path, canvases, damage, sentence):
+    import shutil
+    bench = tmp_path / "bench"
+    shutil.copytree(canvases, bench)
+    if damage == "no label":
+        (bench / "train/labels/000003.png").unlink()
+    elif damage == "other size":
+        Image.fromarray(np.zeros((31, 32), np.uint8)).save(bench / "train/labels/000000.png")
+    else:
+        Image.fromarray(np.full((32, 32), 12, np.uint8)).save(bench / "val/labels/000000.png")
+    err = error_of(capsys, ["eval", "segment", "--config", MAE_TINY, "--random-init", "--data", f"seg:{bench}",
+                            "--recipe", TINY_RECIPE, "--steps", "1", "--set", "batch_size=4", "--set", "crop_size=[32,32]",
+                            "--set", "resize_short=32", "--out", str(tmp_path / "run")])
+    assert sentence in err
+
+
+def tiny_segmenter(canvases, **overrides):
+    from mimkit.eval.encoders import probe_subject
+    cfg = load_segment_recipe(TINY_RECIPE, [f"{k}={v}" for k, v in {
+        "crop_size": "[32,32]", "resize_short": 32, "batch_size": 8, "num_workers": 0, "blocks": "[1,2,3,4]",
+        **overrides}.items()])
+    subject = probe_subject(None, MAE_TINY, None, True, False, ["model.size=pico"], in_chans=1)
+    model = Segmenter(dense_encoder(*subject.timm_spec, subject.model.state_dict(), cfg, cfg.crop_size), 11, cfg)
+    data = SegmentationFolder(canvases, "train"), SegmentationFolder(canvases, "val")
+    return model, cfg, data, (data[0].mean, data[0].std)
+
+
+def test_a_tiny_run_raises_miou_above_the_all_background_baseline(canvases, tmp_path):
+    from mimkit.eval.segment import evaluate
+    torch.manual_seed(0)
+    model, cfg, (train, val), (mean, std) = tiny_segmenter(canvases, steps=90, eval_every=30, warmup_steps=10,
+                                                           log_every=10)
+    untrained = evaluate(model, val, torch.tensor(mean).view(1, -1, 1, 1), torch.tensor(std).view(1, -1, 1, 1),
+                         cfg.resize_short)["miou"]
+    result = train_segmenter(model, train, val, mean, std, cfg, tmp_path / "run", quiet=True)
+    rows = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    curve = [untrained] + [r["val/miou"] for r in rows if "val/miou" in r]
+    labels = torch.cat([val[i][1].flatten() for i in range(len(val))])
+    baseline = 100 * (labels == 0).double().mean().item() / len(labels.unique())   # all background: its IoU, averaged
+    assert len(curve) == 4 and result["miou"] == curve[-1] > curve[0] and curve[-1] > baseline + 4, (curve, baseline)
+    assert result["per_class_iou"]["background"] > 80
+    losses = [r["loss"] for r in rows if "loss" in r]
+    assert losses[-1] < losses[0]
+
+
+def test_resume_of_a_segmentation_run_reproduces_the_uninterrupted_losses(canvases, tmp_path):
+    settings = dict(steps=8, eval_every=100, ckpt_every=100, log_every=1, warmup_steps=2)
+    torch.manual_seed(0)
+    model, cfg, (train, val), (mean, std) = tiny_segmenter(canvases, **settings)
+    train_segmenter(model, train, val, mean, std, cfg, tmp_path / "full", quiet=True, val_limit=4)
+    torch.manual_seed(0)
+    model, cfg, *_ = tiny_segmenter(canvases, **settings)
+    train_segmenter(model, train, val, mean, std, cfg, tmp_path / "cut", quiet=True, stop_after=3, val_limit=4)
+    torch.manual_seed(1)                                     # a resumed process starts from other weights and RNG
+    model, cfg, *_ = tiny_segmenter(canvases, **settings)
+    train_segmenter(model, train, val, mean, std, cfg, tmp_path / "cut", resume=True, quiet=True, val_limit=4)
+
+    def losses(run):
+        return {r["step"]: r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+                if "loss" in r}
+    full, cut = losses(tmp_path / "full"), losses(tmp_path / "cut")
+    assert sorted(full) == sorted(cut) == list(range(1, 9))
+    assert all(abs(full[s] - cut[s]) < 1e-5 for s in full), (full, cut)
+
+
+def test_the_vit_b_ade20k_recipe_runs_two_iterations_at_512(capsys, tmp_path):
+    root = tmp_path / "ade-like"
+    rng = np.random.default_rng(0)
+    (root).mkdir()
+    (root / "classes.json").write_text(json.dumps({"classes": [f"c{i}" for i in range(150)], "ignore_index": 255}))
+    for split in ("train", "val"):
+        write_pair(root / split / "images", root / split / "labels", "a",
+                   rng.integers(0, 255, (512, 512, 3), dtype=np.uint8), rng.integers(0, 150, (512, 512), dtype=np.uint8))
+    out = tmp_path / "run"
+    assert main(["eval", "segment", "--config", str(REPO / "configs/mae_vit-b16_in1k-800e.yaml"), "--random-init",
+                 "--data", f"seg:{root}", "--recipe", str(REPO / "configs/segment/upernet_vit-b16_ade20k-160k.yaml"),
+                 "--steps", "2", "--set", "batch_size=1", "--set", "decoder_norm=identity", "--set", "num_workers=0",
+                 "--set", "log_every=1",
+                 "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    result = json.loads(captured.out.strip().splitlines()[-1])
+    assert result["steps"] == 2 and result["params_encoder"] == 85_798_656 and result["params_head"] > 10_000_000
+    assert "upernet head (" in captured.out and "parameters" in captured.out
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()][:2] == [1, 2]
