@@ -148,11 +148,23 @@ ROUTES = {
                                             "--num-images", "2", "--out", str(c.tmp / "rec.png")], "reconstruction_png"),
     "export": (lambda c: ["export", "--ckpt", str(c.run / "last.pt"), "--out", str(c.tmp / "enc")], "safetensors"),
     "data pack": (lambda c: ["data", "pack", "--data", image_folder(c.tmp), "--out", str(c.tmp / "shards")], "shards"),
+    "data make-segmentation": (lambda c: ["data", "make-segmentation", "--out", str(c.tmp / "seg"), "--data", c.idx,
+                                          "--train-count", "8", "--val-count", "4", "--canvas", "32"], "train"),
+    "eval segment": (lambda c: ["eval", "segment", "--ckpt", str(c.run / "last.pt"), "--data", segmentation(c),
+                                "--recipe", str(REPO / "configs/segment/upernet_vit-mini_fmnist-canvas.yaml"),
+                                "--steps", "2", "--set", "batch_size=4", "--set", "crop_size=[32,32]", "--set",
+                                "resize_short=32", "--set", "blocks=[1,2,3,4]", "--out", str(c.tmp / "segrun")], "miou"),
     "bench": (lambda c: ["bench", "--config", MAE_RECIPE, "--batch", "2", "--steps", "1", "--warmup", "0",
                          "--modes", "eager", "model.size=pico"], None),
     "demo": (lambda c: ["demo", "--config", MAE_RECIPE, "--steps", "2", "--train-limit", "100", "--out",
                         str(c.tmp / "demo")], None),
 }
+
+
+def segmentation(c) -> str:
+    from mimkit.data.segmentation import make_segmentation
+    make_segmentation(c.tmp / "canvases", c.idx, canvas=32, train_count=8, val_count=4)
+    return f"seg:{c.tmp / 'canvases'}"
 
 
 def test_every_sub_command_has_a_route():

@@ -203,3 +203,18 @@ def test_the_vit_b_ade20k_recipe_runs_two_iterations_at_512(capsys, tmp_path):
     assert result["steps"] == 2 and result["params_encoder"] == 85_798_656 and result["params_head"] > 10_000_000
     assert "upernet head (" in captured.out and "parameters" in captured.out
     assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()][:2] == [1, 2]
+
+
+def test_eval_report_adds_the_miou_column(capsys, tmp_path, fmnist_small):
+    run = tmp_path / "mae"
+    assert main(["pretrain", "--config", MAE_TINY, "--out", str(run), "--data", f"idx:{fmnist_small}", "--steps", "2",
+                 "data.batch_size=16", "data.num_workers=0", "train.sample_every=0"]) == 0
+    make_segmentation(tmp_path / "canvases", f"idx:{fmnist_small}", canvas=64, train_count=16, val_count=4)
+    assert main(["eval", "report", str(run), "--protocols", "knn,segment", "--data", f"idx:{fmnist_small}",
+                 "--train-limit", "64", "--test-limit", "32", "--segment-data", f"seg:{tmp_path / 'canvases'}",
+                 "--segment-steps", "2", "--out", str(tmp_path / "report")]) == 0
+    row = json.loads((tmp_path / "report/report.json").read_text())[0]
+    table = (tmp_path / "report/report.md").read_text()
+    assert "| run | k-NN | mIoU | pixel acc. |" in table and f"| {row['segment']['miou']:.2f} |" in table
+    assert row["segment"]["steps"] == 2 and (tmp_path / "report" / row["segment_png"]).is_file()
+    assert main(["eval", "report", str(run), "--protocols", "segment", "--data", f"idx:{fmnist_small}"]) == 2

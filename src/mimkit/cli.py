@@ -1,4 +1,4 @@
-"""Command line: `mimkit pretrain | eval {knn,linear,attentive,finetune,recon,robustness,report} | visualize attention
+"""Command line: `mimkit pretrain | eval {knn,linear,attentive,finetune,segment,recon,robustness,report} | visualize attention
 | export | tokenizer {train,eval,show,convert-dalle} | demo`."""
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import json
 import os
 import sys
 import time
-from pathlib import Path
 
 
 class Parser(argparse.ArgumentParser):
@@ -165,6 +164,10 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--finetune-recipe", help="finetune: a recipe, e.g. configs/finetune/fmnist-tiny.yaml (default: "
                      "3 epochs, batch 64, lr 1e-3, the ImageNet-strength mixup, cutmix and RandAugment)")
     rep.add_argument("--finetune-epochs", type=at_least(1), default=None, help="finetune: epochs (default: the recipe's)")
+    rep.add_argument("--segment-data", help="segment: seg:DIR (e.g. from mimkit data make-segmentation)")
+    rep.add_argument("--segment-recipe", help="segment: a recipe (default: configs/segment/"
+                     "upernet_vit-mini_fmnist-canvas.yaml)")
+    rep.add_argument("--segment-steps", type=at_least(1), default=None, help="segment: iterations (default: the recipe's)")
 
     p = sub.add_parser("visualize", help="pictures of a run")
     vsub = p.add_subparsers(dest="what", required=True)
@@ -400,40 +403,21 @@ def run_segment(args) -> dict:
     """`eval segment`: the encoder named as for the probes, fine-tuned with the recipe's head on seg:DIR."""
     from mimkit.data.segmentation import segmentation_split
     from mimkit.eval.encoders import probe_subject
-    from mimkit.eval.segment import (Segmenter, count_parameters, dense_encoder, draw_examples, load_segment_recipe,
-                                     train_segmenter)
-    start = time.time()
-    train_set, val_set = segmentation_split(args.data, "train"), segmentation_split(args.data, "val")
+    from mimkit.eval.segment import load_segment_recipe, segment_transfer
+    channels = segmentation_split(args.data, "train").channels
     subject = probe_subject(args.ckpt, args.config, args.init, args.random_init, False, args.overrides,
-                            in_chans=train_set.channels, seed=args.seed)
+                            in_chans=channels, seed=args.seed)
     if subject.timm_spec is None:
         raise ValueError("eval segment needs an encoder: --ckpt RUN/last.pt or EXPORT, or --config with --init or "
                          "--random-init")
-    name, kwargs = subject.timm_spec
-    if kwargs.get("in_chans", 3) != train_set.channels:
-        raise ValueError(f"the encoder takes {kwargs.get('in_chans', 3)}-channel images but {args.data} holds "
-                         f"{train_set.channels}-channel ones; segment data of the encoder's channel count")
     flags = {"head": args.head, "frozen": "true" if args.frozen else None, "steps": args.steps}
     cfg = load_segment_recipe(args.recipe, list(args.seg_overrides) + [f"{k}={v}" for k, v in flags.items() if v])
     use_data = args.normalise == "data" or subject.mean is None
-    mean, std = (train_set.mean, train_set.std) if use_data else (subject.mean, subject.std)
-    encoder = dense_encoder(name, kwargs, subject.model.state_dict(), cfg, cfg.crop_size)
-    model = Segmenter(encoder, train_set.num_classes, cfg)
-    params = count_parameters(model)
-    print(f"eval segment: {cfg.head} head ({params['head']:,} parameters) on {subject.description} "
-          f"({params['encoder']:,} parameters{', frozen' if cfg.frozen else ''}); {len(train_set)} train / "
-          f"{len(val_set)} val images, {train_set.num_classes} classes", flush=True)
-    result = train_segmenter(model, train_set, val_set, mean, std, cfg, args.out, args.resume,
-                             default_device(args.device), val_limit=args.val_limit)
-    picture = draw_examples(model, val_set, mean, std, cfg.resize_short, Path(args.out) / "segment-examples.png",
-                            f"eval segment: {cfg.head}{' (frozen)' if cfg.frozen else ''} on {subject.description}"
-                            f" - val mIoU {result['miou']:.1f}")
-    return {"protocol": "segment", "miou": result["miou"], "pixel_acc": result["pixel_acc"],
-            "per_class_iou": result["per_class_iou"], "head": cfg.head, "frozen": cfg.frozen,
-            "encoder": subject.description, "recipe": args.recipe, "steps": result["steps"],
-            "n_train": len(train_set), "n_val": min(len(val_set), args.val_limit or len(val_set)),
-            "params_encoder": params["encoder"], "params_head": params["head"], "out": args.out,
-            "picture": str(picture), "wall_s": round(time.time() - start, 1)}
+    result = segment_transfer(subject.timm_spec, subject.model.state_dict(), subject.description, args.data, cfg,
+                              args.out, None if use_data else subject.mean, None if use_data else subject.std,
+                              default_device(args.device), args.resume, args.val_limit,
+                              log=lambda line: print(line, flush=True))
+    return {**result, "recipe": args.recipe}
 
 
 def run_recon(args) -> dict:
@@ -572,7 +556,8 @@ def _run(args) -> int:
         run_report(args.runs, out, args.data, tuple(args.protocols.split(",")), args.train_limit,
                    args.test_limit, tuple(int(s) for s in args.severities.split(",")), device=device,
                    inception_weights=args.inception_weights, fid_encoder=args.fid_encoder,
-                   finetune_recipe=args.finetune_recipe, finetune_epochs=args.finetune_epochs)
+                   finetune_recipe=args.finetune_recipe, finetune_epochs=args.finetune_epochs,
+                   segment_data=args.segment_data, segment_recipe=args.segment_recipe, segment_steps=args.segment_steps)
     elif args.command == "eval" and args.protocol == "segment":
         print(json.dumps(run_segment(args)))
     elif args.command == "eval":

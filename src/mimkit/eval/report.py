@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-PROTOCOLS = ("knn", "linear", "linear_lars", "attentive", "recon", "robustness", "finetune")
+PROTOCOLS = ("knn", "linear", "linear_lars", "attentive", "recon", "robustness", "finetune", "segment")
 DEFAULT_PROTOCOLS = ("knn", "linear", "attentive", "recon", "robustness")
 
 
@@ -44,7 +44,8 @@ def run_report(specs: list[str], out: str | Path, data: str = "fashion-mnist", p
                train_limit: int | None = 5000, test_limit: int | None = 2000, severities=(1, 3, 5),
                finetune_epochs: int | None = None, finetune_recipe: str | None = None, device: str = "cpu",
                seed: int = 0, log=print,
-               inception_weights: str | None = None, fid_encoder: str | None = None) -> list[dict]:
+               inception_weights: str | None = None, fid_encoder: str | None = None, segment_data: str | None = None,
+               segment_recipe: str | None = None, segment_steps: int | None = None) -> list[dict]:
     from mimkit.data import build_dataset
     from mimkit.engine.logging import read_metrics, save_loss_curves
     from mimkit.eval import extract_features, knn_top1
@@ -58,6 +59,9 @@ def run_report(specs: list[str], out: str | Path, data: str = "fashion-mnist", p
     unknown = set(protocols) - set(PROTOCOLS)
     if unknown:
         raise ValueError(f"unknown protocol(s) {', '.join(sorted(unknown))}; choose from {', '.join(PROTOCOLS)}")
+    if "segment" in protocols and not segment_data:
+        raise ValueError("the segment protocol needs --segment-data seg:DIR; 'mimkit data make-segmentation --out DIR' "
+                         "builds one from Fashion-MNIST")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     train_set, test_set = build_dataset(data, "train"), build_dataset(data, "test")
@@ -109,6 +113,16 @@ def run_report(specs: list[str], out: str | Path, data: str = "fashion-mnist", p
             model = classifier_from_encoder(spec_enc.timm_name, spec_enc.timm_kwargs, enc.state_dict(), num_classes, ft_cfg)
             row["finetune"] = {k: v for k, v in finetune(model, train_part, test_part, size, entry.mean, entry.std,
                                                             ft_cfg, device, log).items() if k != "history"}
+        if "segment" in protocols:
+            from mimkit.eval.segment import RECIPES, load_segment_recipe, segment_transfer
+            seg_cfg = load_segment_recipe(segment_recipe or RECIPES / "upernet_vit-mini_fmnist-canvas.yaml",
+                                          [f"steps={segment_steps}"] if segment_steps else [])
+            spec_enc = entry.method.encoder
+            found = segment_transfer((spec_enc.timm_name, spec_enc.timm_kwargs), enc.state_dict(), entry.label,
+                                     segment_data, seg_cfg, out / f"segment-{i}", entry.mean, entry.std, device,
+                                     quiet=True, log=log)
+            row["segment"] = {k: found[k] for k in ("miou", "pixel_acc", "steps", "head", "wall_s")}
+            row["segment_png"] = f"segment-{i}/segment-examples.png"
         images = _first_images(test_set, size, entry.mean, entry.std)          # on the CPU
         entry.method.to(device)
         if cfg.model.arch == "vit":
@@ -164,7 +178,7 @@ def render(rows: list[dict], protocols, data, train_limit, test_limit, severitie
     for p in protocols:
         cols += {"knn": ["k-NN"], "linear": ["linear"], "linear_lars": ["linear (LARS)"], "attentive": ["attentive"],
                  "recon": ["L1", "PSNR", "SSIM", "MS-SSIM", "IS", "FID"], "robustness": ["clean (probe)", "mCE"],
-                 "finetune": ["fine-tune best", "fine-tune final"]}[p]
+                 "finetune": ["fine-tune best", "fine-tune final"], "segment": ["mIoU", "pixel acc."]}[p]
     lines = ["# mimkit evaluation report", "",
              f"Data `{data}`; probes trained on {train_limit or 'all'} train images, measured on {test_limit or 'all'} "
              f"test images; top-1 in %. Reconstruction metrics over a fixed set of seeded masks (seed 0). "
@@ -184,6 +198,9 @@ def render(rows: list[dict], protocols, data, train_limit, test_limit, severitie
             elif p == "finetune":
                 ft = r.get("finetune") or {}
                 cells += [_f(ft.get("best_top1"), 2), _f(ft.get("final_top1"), 2)]
+            elif p == "segment":
+                seg = r.get("segment") or {}
+                cells += [_f(seg.get("miou"), 2), _f(seg.get("pixel_acc"), 2)]
             else:
                 cells.append(_f(r.get(p), 2))
         lines.append(f"| {r['run']} | " + " | ".join(cells) + " |")
@@ -201,6 +218,8 @@ def render(rows: list[dict], protocols, data, train_limit, test_limit, severitie
             lines += ["", "Pre-training losses:", "", f"![loss curves]({r['loss_curves_png']})"]
         if "attention_png" in r:
             lines += ["", "Last-layer CLS attention (image | mean over heads | each head):", "", f"![attention]({r['attention_png']})"]
+        if "segment_png" in r:
+            lines += ["", "Segmentation (image | label | prediction):", "", f"![segmentation]({r['segment_png']})"]
         lines += ["", "Reconstructions:", "", f"![reconstruction]({r['reconstruction_png']})", ""]
     return "\n".join(lines) + "\n"
 

@@ -471,3 +471,34 @@ def draw_examples(model: Segmenter, dataset, mean, std, resize_short, path: str 
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def segment_transfer(timm_spec: tuple[str, dict], state: dict, description: str, data: str, cfg: SegmentConfig,
+                     out: str | Path, mean: list | None = None, std: list | None = None, device="cpu",
+                     resume: bool = False, val_limit: int | None = None, quiet: bool = False, log=print) -> dict:
+    """The whole protocol for one encoder (timm name + kwargs, weights): seg:DIR's splits, the model, training, the
+    scores and the picture; `mean`/`std` None: the data's own. The result `eval segment` prints."""
+    from mimkit.data.segmentation import segmentation_split
+    start = time.time()
+    train_set, val_set = segmentation_split(data, "train"), segmentation_split(data, "val")
+    name, kwargs = timm_spec
+    if kwargs.get("in_chans", 3) != train_set.channels:
+        raise ValueError(f"the encoder takes {kwargs.get('in_chans', 3)}-channel images but {data} holds "
+                         f"{train_set.channels}-channel ones; segment data of the encoder's channel count")
+    mean, std = (mean, std) if mean is not None else (train_set.mean, train_set.std)
+    model = Segmenter(dense_encoder(name, kwargs, state, cfg, cfg.crop_size), train_set.num_classes, cfg)
+    params = count_parameters(model)
+    log(f"eval segment: {cfg.head} head ({params['head']:,} parameters) on {description} ({params['encoder']:,} "
+        f"parameters{', frozen' if cfg.frozen else ''}); {len(train_set)} train / {len(val_set)} val images, "
+        f"{train_set.num_classes} classes")
+    result = train_segmenter(model, train_set, val_set, mean, std, cfg, out, resume, device, quiet=quiet,
+                             val_limit=val_limit)
+    picture = draw_examples(model, val_set, mean, std, cfg.resize_short, Path(out) / "segment-examples.png",
+                            f"eval segment: {cfg.head}{' (frozen)' if cfg.frozen else ''} on {description} - val "
+                            f"mIoU {result['miou']:.1f}")
+    return {"protocol": "segment", "miou": result["miou"], "pixel_acc": result["pixel_acc"],
+            "per_class_iou": result["per_class_iou"], "head": cfg.head, "frozen": cfg.frozen, "encoder": description,
+            "steps": result["steps"], "n_train": len(train_set),
+            "n_val": min(len(val_set), val_limit or len(val_set)), "params_encoder": params["encoder"],
+            "params_head": params["head"], "out": str(out), "picture": str(picture),
+            "wall_s": round(time.time() - start, 1)}
