@@ -15,7 +15,10 @@ only: it costs more than all the probes together), and reconstruction metrics (L
 FID with `--fid-encoder`) on 500 test images with seeded masks. Reference rows: the same architecture at random init
 and raw pixels. Transfer: k-NN and linear probe of the frozen encoders on a second data set, by default scikit-learn's
 8x8 handwritten digits (1,797 images, enlarged to 28 px; split 1,297 train / 500 test; needs `pip install
-scikit-learn`), normalised with the pre-training statistics.
+scikit-learn`), normalised with the pre-training statistics. Dense transfer (the mIoU column, equal-epochs rows and
+random init): `eval segment` with configs/segment/upernet_vit-mini_fmnist-canvas.yaml for `--segment-steps` (200,
+about 6 minutes per method on 2 CPU cores; 0 leaves the column out) on `mimkit data make-segmentation`'s default
+benchmark (2,000 train / 500 val 64x64 canvases, seed 0), written to OUT/canvases.
 
 CAE's targets come from the tiny dVAE tokenizer its recipe names (`runs/dvae-fmnist-tiny/last.pt`, relative to the
 working directory); when it is missing it is trained first (2 epochs, ~24 min on one CPU core).
@@ -120,6 +123,21 @@ def evaluate(spec: str, out: Path, data: str, protocols, args) -> dict:
     return row
 
 
+def segment(spec: str, out: Path, canvases: Path, args) -> dict:
+    """The mIoU cell: `eval report`'s segment protocol (kept in OUT/results, so a re-run skips it)."""
+    from mimkit.data.segmentation import make_segmentation
+    from mimkit.eval.report import run_report
+    if out.with_suffix(".json").exists():
+        return json.loads(out.with_suffix(".json").read_text())
+    if not (canvases / "classes.json").exists():
+        make_segmentation(canvases)
+    row = run_report([spec], out, protocols=("segment",), train_limit=args.train_limit, test_limit=args.test_limit,
+                     device=args.device or "cpu", segment_data=f"seg:{canvases}", segment_steps=args.segment_steps,
+                     log=lambda m: print(m, flush=True))[0]["segment"]
+    out.with_suffix(".json").write_text(json.dumps(row, indent=2, default=float))
+    return row
+
+
 def raw_pixels(data: str, args, mean, std) -> dict:
     from mimkit.data import build_dataset
     from mimkit.eval import extract_features, knn_top1, linear_probe_top1
@@ -137,12 +155,15 @@ def table(rows: list[dict], args, transfer_name: str | None) -> str:
     images = args.train_images or 60000
     head = ["method", "budget", "steps", "epochs", "GFLOP/img", "TFLOP total", "k-NN", "linear", "attentive",
             "fine-tune", "L1", "PSNR", "SSIM"] + (["FID"] if args.fid_encoder else []) + \
+        (["mIoU"] if args.segment_steps else []) + \
         ([f"{transfer_name} k-NN", f"{transfer_name} linear"] if transfer_name else [])
     lines = [f"Fashion-MNIST, ViT-mini (patch 4, 28 px) tiny recipes, batch {args.batch}, pre-trained on "
              f"{images:,} train images for {args.epochs:g} epochs (equal epochs) or MAE's training FLOPs of those "
              f"epochs (equal FLOPs). Probes trained on {args.train_limit:,} train images, measured on "
              f"{args.test_limit:,} test images (top-1 %); fine-tuning (best top-1) for {args.finetune_epochs} "
              "epochs with configs/finetune/fmnist-tiny.yaml; "
+             + (f"mIoU (%) of UperNet fine-tuned {args.segment_steps} steps on the 64x64 canvas benchmark "
+                "(configs/segment/upernet_vit-mini_fmnist-canvas.yaml); " if args.segment_steps else "") +
              "reconstruction metrics on 500 test images with seeded masks.", "",
              "| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     for r in rows:
@@ -156,6 +177,7 @@ def table(rows: list[dict], args, transfer_name: str | None) -> str:
                  cell(r.get("gflops"), 3), cell(r.get("tflops"), 2), cell(m.get("knn")), cell(m.get("linear")),
                  cell(m.get("attentive")), cell(ft), cell(recon.get("l1"), 4), cell(recon.get("psnr"), 2),
                  cell(recon.get("ssim"), 3)] + ([cell(recon.get("fid"), 2)] if args.fid_encoder else []) + \
+            ([cell((r.get("segment") or {}).get("miou"))] if args.segment_steps else []) + \
             ([cell(t.get("knn")), cell(t.get("linear"))] if transfer_name else [])
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -171,6 +193,7 @@ def main() -> None:
     parser.add_argument("--train-limit", type=int, default=5000)
     parser.add_argument("--test-limit", type=int, default=2000)
     parser.add_argument("--finetune-epochs", type=int, default=5, help="configs/finetune/fmnist-tiny.yaml's 5")
+    parser.add_argument("--segment-steps", type=int, default=200, help="eval segment iterations (0: no mIoU column)")
     parser.add_argument("--fid-encoder", default=None, help="a FID feature encoder (see `mimkit eval report`)")
     parser.add_argument("--device", default=None)
     parser.add_argument("--out", default="runs/fmnist-table")
@@ -217,6 +240,8 @@ def main() -> None:
                                ("knn", "linear", "attentive", "recon") + FINETUNED[budget], args)
         if transfer:
             row["transfer"] = evaluate(str(run), out / "results" / f"{key}-transfer", transfer, ("knn", "linear"), args)
+        if args.segment_steps and budget == "equal epochs":
+            row["segment"] = segment(str(run), out / "results" / f"{key}-segment", out / "canvases", args)
         rows.append(row)
         write(final=False)
     reference = {"method": "random init (same ViT-mini)", "budget": "none"}
@@ -228,6 +253,9 @@ def main() -> None:
         if transfer:
             reference["transfer"] = evaluate(f"random:{first}", out / "results" / "random-init-transfer", transfer,
                                              ("knn", "linear"), args)
+        if args.segment_steps:
+            reference["segment"] = segment(f"random:{first}", out / "results" / "random-init-segment",
+                                           out / "canvases", args)
     stats = torch.load(first / "last.pt", weights_only=True, mmap=True)["data_stats"]
     pixels = {"method": "raw pixels", "budget": "none", "main": raw_pixels("fashion-mnist", args, stats["mean"], stats["std"])}
     if transfer:

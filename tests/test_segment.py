@@ -218,3 +218,40 @@ def test_eval_report_adds_the_miou_column(capsys, tmp_path, fmnist_small):
     assert "| run | k-NN | mIoU | pixel acc. |" in table and f"| {row['segment']['miou']:.2f} |" in table
     assert row["segment"]["steps"] == 2 and (tmp_path / "report" / row["segment_png"]).is_file()
     assert main(["eval", "report", str(run), "--protocols", "segment", "--data", f"idx:{fmnist_small}"]) == 2
+
+
+def test_layer_decay_reaches_the_encoder_blocks_with_the_recipe_factor(canvases):
+    from mimkit.eval.segment import param_groups
+    model, cfg, *_ = tiny_segmenter(canvases, layer_decay=0.5)
+    depth = len(model.encoder.blocks)
+    scale_of = {id(p): g["lr_scale"] for g in param_groups(model, cfg) for p in g["params"]}
+    for i, block in enumerate(model.encoder.blocks):            # BEiT's rule: block i at decay^(depth - i)
+        assert {scale_of[id(p)] for p in block.parameters()} == {0.5 ** (depth - i)}
+    assert scale_of[id(model.encoder.patch_embed.proj.weight)] == 0.5 ** (depth + 1)
+    assert scale_of[id(model.encoder.norm.weight)] == 1.0 and {scale_of[id(p)] for p in model.head_parameters()} == {1.0}
+    decays = {id(p): g["weight_decay"] for g in param_groups(model, cfg) for p in g["params"]}
+    assert decays[id(model.encoder.pos_embed)] == decays[id(model.encoder.blocks[0].norm1.weight)] == 0.0
+    assert decays[id(model.encoder.blocks[0].attn.qkv.weight)] == cfg.weight_decay
+
+
+def test_a_frozen_linear_probe_trains_the_head_only(canvases, tmp_path):
+    model, cfg, (train, val), (mean, std) = tiny_segmenter(canvases, head="linear", frozen="true", steps=3,
+                                                           eval_every=100, warmup_steps=0)
+    encoder = {k: v.clone() for k, v in model.encoder.state_dict().items()}
+    head = {k: v.clone() for k, v in model.classifier.state_dict().items()}
+    train_segmenter(model, train, val, mean, std, cfg, tmp_path / "run", quiet=True, val_limit=2)
+    assert all(torch.equal(v, model.encoder.state_dict()[k]) for k, v in encoder.items())
+    assert not torch.equal(head["1.weight"], model.classifier.state_dict()["1.weight"])
+
+
+def test_fcn_on_a_dilated_resnet_trains_end_to_end(canvases, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["eval", "segment", "--config", str(REPO / "configs/cim-respix_resnet-mini_fmnist-tiny.yaml"),
+                 "--random-init", "--data", f"seg:{canvases}", "--recipe",
+                 str(REPO / "configs/segment/fcn_resnet50_ade20k-cim.yaml"), "--steps", "2", "--set", "batch_size=4",
+                 "--set", "crop_size=[32,32]", "--set", "resize_short=32", "--set", "num_workers=0", "--set",
+                 "log_every=1", "--val-limit", "2", "--out", str(out)]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["head"] == "fcn" and result["steps"] == 2
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2]

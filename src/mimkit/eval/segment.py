@@ -16,8 +16,8 @@ Heads, one per paper's protocol (`head:` in the recipe):
 
 Training follows mmsegmentation's ADE20K pipeline as the papers' code bases use it: random rescale (ratio 0.5-2.0 of a
 short side `resize_short`), random crop `crop_size` (padded with the ignore index), horizontal flip; AdamW (or SGD
-for the ResNet recipe) with timm's layer-wise lr decay over the encoder (the head at scale 1), linear warm-up then
-poly decay; cross-entropy that skips the ignore index. Differences, each an option or stated: mmsegmentation's
+for the ResNet recipe) with layer-wise lr decay over the encoder as BEiT/MAE count it (`param_groups`; the head at
+scale 1), linear warm-up then poly decay; cross-entropy that skips the ignore index. Differences, each an option or stated: mmsegmentation's
 photometric distortion and its crop's `cat_max_ratio` retry are not applied; inference is single-scale on the whole
 image (padded to the network's stride) instead of BEiT's sliding 512 windows.
 
@@ -294,12 +294,27 @@ class Seeded(Dataset):
 
 # ---------------------------------------------------------------------------------------------------- training
 def param_groups(model: Segmenter, cfg: SegmentConfig) -> list[dict]:
-    """timm's layer-wise lr decay groups over the encoder (1-D parameters and tokens without weight decay), the
-    head's parameters at scale 1 (BEiT: the head is the layer above the last block)."""
+    """Layer-wise lr decay over the encoder as BEiT's and MAE's code count it (embeddings layer 0, block i layer
+    i + 1, the head and the final norm layer depth + 1; scale decay^(depth + 1 - layer): the last block at decay^1,
+    which timm's `param_groups_layer_decay` puts at 1), no weight decay for 1-D parameters and position/class tokens;
+    the head at scale 1. A ResNet takes timm's stage grouping."""
     from timm.optim import param_groups_layer_decay
-    groups = [] if cfg.frozen else param_groups_layer_decay(
-        model.encoder, weight_decay=cfg.weight_decay, layer_decay=cfg.layer_decay,
-        no_weight_decay_list=list(getattr(model.encoder, "no_weight_decay", set)()))
+    skip = set(getattr(model.encoder, "no_weight_decay", set)())
+    if cfg.frozen:
+        groups = []
+    elif is_vit(model.encoder):
+        depth, groups = len(model.encoder.blocks), {}
+        for name, p in model.encoder.named_parameters():
+            layer = int(name.split(".")[1]) + 1 if name.startswith("blocks.") else \
+                0 if name.startswith(("cls_token", "reg_token", "pos_embed", "patch_embed", "rel_pos_bias")) else depth + 1
+            decay = p.ndim > 1 and name not in skip
+            group = groups.setdefault((layer, decay), {"params": [], "weight_decay": cfg.weight_decay if decay else 0.0,
+                                                       "lr_scale": cfg.layer_decay ** (depth + 1 - layer)})
+            group["params"].append(p)
+        groups = list(groups.values())
+    else:
+        groups = param_groups_layer_decay(model.encoder, weight_decay=cfg.weight_decay, layer_decay=cfg.layer_decay,
+                                          no_weight_decay_list=list(skip))
     head = model.head_parameters()
     groups.append({"params": [p for p in head if p.ndim > 1], "weight_decay": cfg.weight_decay, "lr_scale": 1.0})
     groups.append({"params": [p for p in head if p.ndim <= 1], "weight_decay": 0.0, "lr_scale": 1.0})
