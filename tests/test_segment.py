@@ -152,7 +152,7 @@ def test_a_tiny_run_raises_miou_above_the_all_background_baseline(canvases, tmp_
     model, cfg, (train, val), (mean, std) = tiny_segmenter(canvases, steps=90, eval_every=30, warmup_steps=10,
                                                            log_every=10)
     untrained = evaluate(model, val, torch.tensor(mean).view(1, -1, 1, 1), torch.tensor(std).view(1, -1, 1, 1),
-                         cfg.resize_short)["miou"]
+                         cfg)["miou"]
     result = train_segmenter(model, train, val, mean, std, cfg, tmp_path / "run", quiet=True)
     rows = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
     curve = [untrained] + [r["val/miou"] for r in rows if "val/miou" in r]
@@ -218,6 +218,12 @@ def test_eval_report_adds_the_miou_column(capsys, tmp_path, fmnist_small):
     assert "| run | k-NN | mIoU | pixel acc. |" in table and f"| {row['segment']['miou']:.2f} |" in table
     assert row["segment"]["steps"] == 2 and (tmp_path / "report" / row["segment_png"]).is_file()
     assert main(["eval", "report", str(run), "--protocols", "segment", "--data", f"idx:{fmnist_small}"]) == 2
+    assert main(["export", "--ckpt", str(run / "last.pt"), "--out", str(tmp_path / "enc")]) == 0   # an export too
+    capsys.readouterr()
+    assert main(["eval", "segment", "--ckpt", str(tmp_path / "enc.safetensors"), "--data", f"seg:{tmp_path / 'canvases'}",
+                 "--recipe", TINY_RECIPE, "--steps", "1", "--set", "num_workers=0", "--out", str(tmp_path / "s")]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["encoder"].startswith("export") and (tmp_path / "s/tb").is_dir()
 
 
 def test_layer_decay_reaches_the_encoder_blocks_with_the_recipe_factor(canvases):
@@ -255,3 +261,34 @@ def test_fcn_on_a_dilated_resnet_trains_end_to_end(canvases, tmp_path, capsys):
     assert result["head"] == "fcn" and result["steps"] == 2
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "loss" in r] == [1, 2]
+
+
+def test_sliding_windows_cover_the_image_and_average_overlaps():
+    """A model that answers with a constant per window: the prediction is the windows' average per pixel."""
+    from mimkit.eval.segment import SegmentConfig, predict
+
+    class Counter(torch.nn.Module):
+        size_multiple, calls = 1, []
+
+        def forward(self, x):
+            self.calls.append(tuple(x.shape[-2:]))
+            return torch.stack([torch.zeros_like(x[:, 0]), torch.full_like(x[:, 0], float(len(self.calls)))], 1)
+
+    cfg = SegmentConfig(crop_size=[4, 4], slide_stride=[3, 3], resize_short=None, inference="slide")
+    model = Counter()
+    pred = predict(model, torch.zeros(1, 7, 10, dtype=torch.uint8), torch.zeros(1, 1, 1, 1), torch.ones(1, 1, 1, 1), cfg)
+    assert pred.shape == (7, 10) and model.calls == [(4, 4)] * 6       # windows at rows 0, 3 and columns 0, 3, 6
+    assert pred.eq(1).all()
+
+
+def test_a_relative_position_encoder_is_rebuilt_at_the_crop_size(canvases, tmp_path):
+    from mimkit.eval.encoders import probe_subject
+    subject = probe_subject(None, str(REPO / "configs/simmim_vit-mini_fmnist-tiny.yaml"), None, True, False,
+                            ["model.position=shared_relative"], in_chans=1)
+    assert subject.timm_spec[0].startswith("beit")
+    cfg = load_segment_recipe(TINY_RECIPE, ["crop_size=[48,48]", "inference=slide", "slide_stride=[16,16]"])
+    encoder = dense_encoder(*subject.timm_spec, subject.model.state_dict(), cfg, cfg.crop_size)
+    table = encoder.rel_pos_bias.relative_position_bias_table
+    assert table.shape[0] == (2 * 12 - 1) ** 2 + 3 != subject.model.rel_pos_bias.relative_position_bias_table.shape[0]
+    model = Segmenter(encoder, 11, cfg).eval()
+    assert model(torch.randn(2, 1, 48, 48)).shape == (2, 11, 48, 48)

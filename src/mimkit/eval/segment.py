@@ -18,8 +18,9 @@ Training follows mmsegmentation's ADE20K pipeline as the papers' code bases use 
 short side `resize_short`), random crop `crop_size` (padded with the ignore index), horizontal flip; AdamW (or SGD
 for the ResNet recipe) with layer-wise lr decay over the encoder as BEiT/MAE count it (`param_groups`; the head at
 scale 1), linear warm-up then poly decay; cross-entropy that skips the ignore index. Differences, each an option or stated: mmsegmentation's
-photometric distortion and its crop's `cat_max_ratio` retry are not applied; inference is single-scale on the whole
-image (padded to the network's stride) instead of BEiT's sliding 512 windows.
+photometric distortion and its crop's `cat_max_ratio` retry are not applied. Inference is single-scale: sliding
+crop-sized windows (`inference: slide`, BEiT's and MAE's test mode, the ADE20K recipes) or the whole image padded to
+the network's stride (`whole`, the CPU recipe).
 
 Every sample's crop is seeded by (seed, epoch, index) and the RNG state is checkpointed, so `--resume` reproduces the
 uninterrupted run's losses.
@@ -74,6 +75,8 @@ class SegmentConfig:
     resize_short: int | None = 512         # the short side the rescale ratio multiplies (train) and test images get
     scale_range: list = field(default_factory=lambda: [0.5, 2.0])
     hflip: bool = True
+    inference: str = "whole"               # whole (the image, padded to the network's stride) | slide (crop_size
+    slide_stride: list = field(default_factory=lambda: [341, 341])   # windows at this stride, logits averaged: BEiT's)
     eval_every: int = 16000
     ckpt_every: int = 2000
     log_every: int = 50
@@ -87,6 +90,8 @@ class SegmentConfig:
         need(self.head in HEADS, "head", f"one of {', '.join(HEADS)}")
         need(self.optimizer in ("adamw", "sgd"), "optimizer", "adamw or sgd")
         need(self.decoder_norm in ("batchnorm", "identity"), "decoder_norm", "batchnorm or identity")
+        need(self.inference in ("whole", "slide"), "inference", "whole or slide")
+        need(len(self.slide_stride) == 2 and min(self.slide_stride) >= 1, "slide_stride", "[rows, columns] of positive steps")
         if self.head == "upernet" and self.batch_size == 1 and self.decoder_norm == "batchnorm" and not self.frozen:
             raise ValueError("segment recipe: batch_size=1 leaves UperNet's BatchNorm one value per channel in the "
                              "pyramid pooling; use 2 or more images per step or --set decoder_norm=identity")
@@ -117,9 +122,7 @@ def dense_encoder(timm_name: str, timm_kwargs: dict, state: dict, cfg: SegmentCo
     """The pre-trained encoder rebuilt for dense inputs of any size: a ViT interpolates its position table on the
     fly (timm's dynamic_img_size); a Beit is built at the crop size with its relative position tables resized by
     timm's own filter; a ResNet is dilated to `output_stride` when the recipe asks."""
-    kwargs = dict(timm_kwargs, num_classes=0)
-    for key in ("fc_norm", "use_fc_norm", "global_pool"):
-        kwargs.pop(key, None)
+    kwargs = dict(timm_kwargs, num_classes=0)          # pooling kwargs kept: they decide which final norm exists
     if timm_name.startswith("beit"):
         kwargs["img_size"] = list(crop_size)
         model = timm.create_model(timm_name, pretrained=False, drop_path_rate=cfg.drop_path, **kwargs)
@@ -335,28 +338,43 @@ def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def predict(model: Segmenter, image: torch.Tensor, mean_t, std_t, resize_short: int | None) -> torch.Tensor:
-    """Class per pixel at the image's own size: resized to `resize_short`, padded to the network's stride,
-    logits cropped and resized back."""
+def predict(model: Segmenter, image: torch.Tensor, mean_t, std_t, cfg: SegmentConfig) -> torch.Tensor:
+    """Class per pixel at the image's own size: resized to `resize_short`, then the whole image padded to the
+    network's stride, or (`inference: slide`) crop-sized windows at `slide_stride` with their logits averaged, as
+    BEiT's and MAE's mmsegmentation test mode; logits resized back."""
     h, w = image.shape[-2:]
     x = to_unit_float(image)[None]
-    if resize_short:
-        scale = resize_short / min(h, w)
+    if cfg.resize_short:
+        scale = cfg.resize_short / min(h, w)
         x = F.interpolate(x, size=(round(h * scale), round(w * scale)), mode="bilinear", align_corners=False,
                           antialias=True)
     x = (x.to(mean_t.device) - mean_t) / std_t
     sh, sw = x.shape[-2:]
-    logits = model(pad_to_multiple(x, model.size_multiple))[..., :sh, :sw]
-    return F.interpolate(logits.float(), size=(h, w), mode="bilinear", align_corners=False).argmax(1)[0].cpu()
+    if cfg.inference == "whole":
+        logits = model(pad_to_multiple(x, model.size_multiple))[..., :sh, :sw].float()
+    else:
+        (ch, cw), (step_h, step_w) = cfg.crop_size, cfg.slide_stride
+        x = F.pad(x, (0, max(cw - sw, 0), 0, max(ch - sh, 0)))
+        ph, pw = x.shape[-2:]
+        logits = count = 0
+        for top in sorted({min(r * step_h, ph - ch) for r in range(-(-max(ph - ch, 0) // step_h) + 1)}):
+            for left in sorted({min(c * step_w, pw - cw) for c in range(-(-max(pw - cw, 0) // step_w) + 1)}):
+                window = torch.zeros(1, 1, ph, pw, device=x.device)
+                window[..., top:top + ch, left:left + cw] = 1
+                out = model(x[..., top:top + ch, left:left + cw]).float()
+                logits = logits + F.pad(out, (left, pw - left - cw, top, ph - top - ch))
+                count = count + window
+        logits = (logits / count)[..., :sh, :sw]
+    return F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False).argmax(1)[0].cpu()
 
 
-def evaluate(model: Segmenter, dataset, mean_t, std_t, resize_short, limit: int | None = None) -> dict:
+def evaluate(model: Segmenter, dataset, mean_t, std_t, cfg: SegmentConfig, limit: int | None = None) -> dict:
     was = model.training
     model.eval()
     confusion = torch.zeros(dataset.num_classes, dataset.num_classes, dtype=torch.long)
     for i in range(min(len(dataset), limit or len(dataset))):
         image, label = dataset[i]
-        confusion += confusion_matrix(predict(model, image, mean_t, std_t, resize_short), label,
+        confusion += confusion_matrix(predict(model, image, mean_t, std_t, cfg), label,
                                       dataset.num_classes, dataset.ignore_index)
     model.train(was)
     return segmentation_scores(confusion, dataset.classes)
@@ -443,17 +461,17 @@ def train_segmenter(model: Segmenter, train_set, val_set, mean, std, cfg: Segmen
             log.write(row)
             running, steps_in_row, tick, seen = torch.zeros((), device=device), 0, time.perf_counter(), 0
         if done % cfg.eval_every == 0 or done == cfg.steps:
-            scores = evaluate(model, val_set, mean_t, std_t, cfg.resize_short, val_limit)
+            scores = evaluate(model, val_set, mean_t, std_t, cfg, val_limit)
             log.write({"step": done, "val/miou": scores["miou"], "val/pixel_acc": scores["pixel_acc"]})
         if done % cfg.ckpt_every == 0 or done == end:
             save(done)
     bar.close()
     if scores is None:
-        scores = evaluate(model, val_set, mean_t, std_t, cfg.resize_short, val_limit)
+        scores = evaluate(model, val_set, mean_t, std_t, cfg, val_limit)
     return {**scores, "steps": end}
 
 
-def draw_examples(model: Segmenter, dataset, mean, std, resize_short, path: str | Path, title: str,
+def draw_examples(model: Segmenter, dataset, mean, std, cfg: SegmentConfig, path: str | Path, title: str,
                   count: int = 6) -> Path:
     """image | label | prediction for the first `count` validation images, titled (PNG)."""
     import matplotlib
@@ -468,7 +486,7 @@ def draw_examples(model: Segmenter, dataset, mean, std, resize_short, path: str 
     cmap = plt.get_cmap("tab20", max(dataset.num_classes, 2))
     for i in range(count):
         image, label = dataset[i]
-        pred = predict(model, image, mean_t, std_t, resize_short)
+        pred = predict(model, image, mean_t, std_t, cfg)
         shown = to_unit_float(image)
         axes[0, i].imshow((shown[0] if shown.shape[0] == 1 else shown[:3].permute(1, 2, 0)).numpy(), cmap="gray")
         for row, target in ((1, label), (2, pred)):
@@ -501,6 +519,9 @@ def segment_transfer(timm_spec: tuple[str, dict], state: dict, description: str,
         raise ValueError(f"the encoder takes {kwargs.get('in_chans', 3)}-channel images but {data} holds "
                          f"{train_set.channels}-channel ones; segment data of the encoder's channel count")
     mean, std = (mean, std) if mean is not None else (train_set.mean, train_set.std)
+    if name.startswith("beit") and cfg.inference == "whole":
+        raise ValueError("an encoder with relative position tables (timm Beit) is rebuilt at the crop size and takes "
+                         "no other; set inference: slide (windows of crop_size) in the segment recipe")
     model = Segmenter(dense_encoder(name, kwargs, state, cfg, cfg.crop_size), train_set.num_classes, cfg)
     params = count_parameters(model)
     log(f"eval segment: {cfg.head} head ({params['head']:,} parameters) on {description} ({params['encoder']:,} "
@@ -508,7 +529,7 @@ def segment_transfer(timm_spec: tuple[str, dict], state: dict, description: str,
         f"{train_set.num_classes} classes")
     result = train_segmenter(model, train_set, val_set, mean, std, cfg, out, resume, device, quiet=quiet,
                              val_limit=val_limit)
-    picture = draw_examples(model, val_set, mean, std, cfg.resize_short, Path(out) / "segment-examples.png",
+    picture = draw_examples(model, val_set, mean, std, cfg, Path(out) / "segment-examples.png",
                             f"eval segment: {cfg.head}{' (frozen)' if cfg.frozen else ''} on {description} - val "
                             f"mIoU {result['miou']:.1f}")
     return {"protocol": "segment", "miou": result["miou"], "pixel_acc": result["pixel_acc"],
