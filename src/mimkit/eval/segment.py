@@ -298,8 +298,8 @@ class Seeded(Dataset):
 # ---------------------------------------------------------------------------------------------------- training
 def param_groups(model: Segmenter, cfg: SegmentConfig) -> list[dict]:
     """Layer-wise lr decay over the encoder as BEiT's and MAE's code count it (embeddings layer 0, block i layer
-    i + 1, the head and the final norm layer depth + 1; scale decay^(depth + 1 - layer): the last block at decay^1,
-    which timm's `param_groups_layer_decay` puts at 1), no weight decay for 1-D parameters and position/class tokens;
+    i + 1, the head and the final norm layer depth + 1; scale decay^(depth + 1 - layer): the last block at decay^1;
+    timm's `param_groups_layer_decay` on a headless encoder puts it at 1), no weight decay for 1-D parameters and position/class tokens;
     the head at scale 1. A ResNet takes timm's stage grouping."""
     from timm.optim import param_groups_layer_decay
     skip = set(getattr(model.encoder, "no_weight_decay", set)())
