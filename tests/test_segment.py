@@ -13,12 +13,12 @@ from mimkit.cli import main
 from mimkit.data.datasets import DataError
 from mimkit.data.segmentation import SegmentationFolder, make_segmentation
 from mimkit.eval.pyramid import ResNetPyramid, ViTPyramid
-from mimkit.eval.segment import (Segmenter, confusion_matrix, dense_encoder, load_segment_recipe, segmentation_scores,
-                                 train_segmenter)
+from mimkit.eval.segment import (CPU_RECIPE, Segmenter, confusion_matrix, dense_encoder, load_segment_recipe,
+                                 segmentation_scores, train_segmenter)
 from tests.conftest import REPO
 from tests.test_cli import error_of
 
-TINY_RECIPE = str(REPO / "configs/segment/upernet_vit-mini_fmnist-canvas.yaml")
+TINY_RECIPE = str(CPU_RECIPE)
 MAE_TINY = str(REPO / "configs/mae_vit-mini_fmnist-tiny.yaml")
 
 
@@ -292,3 +292,33 @@ def test_a_relative_position_encoder_is_rebuilt_at_the_crop_size(canvases, tmp_p
     assert table.shape[0] == (2 * 12 - 1) ** 2 + 3 != subject.model.rel_pos_bias.relative_position_bias_table.shape[0]
     model = Segmenter(encoder, 11, cfg).eval()
     assert model(torch.randn(2, 1, 48, 48)).shape == (2, 11, 48, 48)
+
+
+@pytest.mark.parametrize("recipe, config, encoder, head", [
+    ("upernet_vit-b16_ade20k-160k", "mae_vit-b16_in1k-800e", 85_798_656, 76_407_852),      # 162 M: UperNet ViT-B
+    ("linear_vit-b16_ade20k-cim", "mae_vit-b16_in1k-800e", 85_798_656, 116_886),           # BN + 1x1 to 150
+    ("fcn_resnet50_ade20k-cim", "cim-respix_resnet50_in1k-300e", 23_508_032, 11_913_516),   # torchvision FCNHead
+])
+def test_each_ade20k_recipe_builds_its_model_at_the_shipped_settings(recipe, config, encoder, head):
+    from mimkit.eval.encoders import probe_subject
+    from mimkit.eval.segment import count_parameters
+    cfg = load_segment_recipe(REPO / "configs/segment" / f"{recipe}.yaml")
+    subject = probe_subject(None, str(REPO / "configs" / f"{config}.yaml"), None, True, False, [], in_chans=3)
+    model = Segmenter(dense_encoder(*subject.timm_spec, subject.model.state_dict(), cfg, cfg.crop_size), 150, cfg)
+    assert count_parameters(model) == {"encoder": encoder, "head": head}
+    assert cfg.inference == "slide" and cfg.crop_size == [512, 512] and cfg.batch_size == 16 and cfg.steps == 160_000
+
+
+def test_the_dense_encoder_holds_the_given_weights():
+    """The encoder rebuilt for dense inputs carries every tensor of the state it was given (ViT: unchanged; Beit:
+    everything but the relative position tables, which timm resizes to the crop)."""
+    from mimkit.eval.encoders import probe_subject
+    for config, crop, extra in (("mae_vit-mini_fmnist-tiny", [64, 64], []),
+                                ("simmim_vit-mini_fmnist-tiny", [48, 48], ["model.position=shared_relative"])):
+        subject = probe_subject(None, str(REPO / "configs" / f"{config}.yaml"), None, True, False, extra, in_chans=1)
+        state = subject.model.state_dict()
+        cfg = load_segment_recipe(TINY_RECIPE, [f"crop_size=[{crop[0]},{crop[1]}]", "inference=slide"])
+        rebuilt = dense_encoder(*subject.timm_spec, state, cfg, crop).state_dict()
+        kept = [k for k in state if "relative_position" not in k]
+        assert kept and all(torch.equal(rebuilt[k], state[k]) for k in kept)
+        assert set(rebuilt) == set(state)

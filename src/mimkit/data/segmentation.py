@@ -101,11 +101,7 @@ class SegmentationFolder(Dataset):
         return label
 
     def __getitem__(self, index: int):
-        image, label = self.image(index), self.label(index)
-        if image.shape[-2:] != label.shape:
-            raise DataError(f"{self.labels[index]} is {label.shape[1]}x{label.shape[0]} but its image "
-                            f"{self.images[index].name} is {image.shape[2]}x{image.shape[1]}; label maps must match "
-                            f"their images pixel for pixel")
+        image, label = self.image(index), self.label(index)      # sizes checked when the folder was opened
         if image.shape[0] != self.channels:
             image = _match_channels(image, self.channels, self.images[index])
         return image, label

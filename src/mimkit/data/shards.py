@@ -28,7 +28,7 @@ Damaged packs (an interrupted copy, a disk error), and the rule for when to stop
   beyond that share it stops with exit 2 before training.
 - A shard found short while it is being streamed (a URL, which can't be measured before it is read, or a file cut
   after the run started) stops the run with one sentence naming it: the epoch's plan relies on the listed counts,
-  and the last checkpoint is intact for `--resume` once the shard is whole again.
+  and checkpoints already written are intact for `--resume` once the shard is whole again.
 - A member that does not decode is skipped and counted like a folder's undecodable file: a warning names the shard
   and the key, and another image of the same batch takes its place (flagged, so `skipped_images` counts it).
 """

@@ -114,8 +114,8 @@ def run_report(specs: list[str], out: str | Path, data: str = "fashion-mnist", p
             row["finetune"] = {k: v for k, v in finetune(model, train_part, test_part, size, entry.mean, entry.std,
                                                             ft_cfg, device, log).items() if k != "history"}
         if "segment" in protocols:
-            from mimkit.eval.segment import RECIPES, load_segment_recipe, segment_transfer
-            seg_cfg = load_segment_recipe(segment_recipe or RECIPES / "upernet_vit-mini_fmnist-canvas.yaml",
+            from mimkit.eval.segment import CPU_RECIPE, load_segment_recipe, segment_transfer
+            seg_cfg = load_segment_recipe(segment_recipe or CPU_RECIPE,
                                           [f"steps={segment_steps}"] if segment_steps else [])
             spec_enc = entry.method.encoder
             found = segment_transfer((spec_enc.timm_name, spec_enc.timm_kwargs), enc.state_dict(), entry.label,

@@ -45,6 +45,7 @@ from mimkit.engine.logging import MetricsLog
 from mimkit.eval.pyramid import build_pyramid, is_vit
 
 RECIPES = Path(__file__).resolve().parents[3] / "configs" / "segment"
+CPU_RECIPE = RECIPES / "upernet_vit-mini_fmnist-canvas.yaml"    # eval report's and the benchmarks' default
 HEADS = ("upernet", "linear", "fcn")
 
 
