@@ -154,6 +154,12 @@ ROUTES = {
                                 "--recipe", str(REPO / "configs/segment/upernet_vit-mini_fmnist-canvas.yaml"),
                                 "--steps", "2", "--set", "batch_size=4", "--set", "crop_size=[32,32]", "--set",
                                 "resize_short=32", "--set", "blocks=[1,2,3,4]", "--out", str(c.tmp / "segrun")], "miou"),
+    "data make-detection": (lambda c: ["data", "make-detection", "--out", str(c.tmp / "det"), "--data", c.idx,
+                                       "--train-count", "8", "--val-count", "4", "--canvas", "32"], "train_instances"),
+    "eval detect": (lambda c: ["eval", "detect", "--ckpt", str(c.run / "last.pt"), "--data", detection(c),
+                               "--recipe", str(REPO / "configs/detect/maskrcnn_vit-mini_fmnist-canvas.yaml"),
+                               "--steps", "2", "--set", "batch_size=2", "--set", "blocks=[1,2,3,4]", "--set",
+                               "num_workers=0", "--out", str(c.tmp / "detrun")], "box_ap"),
     "bench": (lambda c: ["bench", "--config", MAE_RECIPE, "--batch", "2", "--steps", "1", "--warmup", "0",
                          "--modes", "eager", "model.size=pico"], None),
     "demo": (lambda c: ["demo", "--config", MAE_RECIPE, "--steps", "2", "--train-limit", "100", "--out",
@@ -165,6 +171,12 @@ def segmentation(c) -> str:
     from mimkit.data.segmentation import make_segmentation
     make_segmentation(c.tmp / "canvases", c.idx, canvas=32, train_count=8, val_count=4)
     return f"seg:{c.tmp / 'canvases'}"
+
+
+def detection(c) -> str:
+    from mimkit.data.detection import make_detection
+    make_detection(c.tmp / "coco", c.idx, canvas=32, train_count=8, val_count=4)
+    return f"coco:{c.tmp / 'coco'}"
 
 
 def test_every_sub_command_has_a_route():

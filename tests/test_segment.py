@@ -12,9 +12,10 @@ from PIL import Image
 from mimkit.cli import main
 from mimkit.data.datasets import DataError
 from mimkit.data.segmentation import SegmentationFolder, make_segmentation
+from mimkit.eval.encoders import probe_subject
 from mimkit.eval.pyramid import ResNetPyramid, ViTPyramid
-from mimkit.eval.segment import (CPU_RECIPE, Segmenter, confusion_matrix, dense_encoder, load_segment_recipe,
-                                 segmentation_scores, train_segmenter)
+from mimkit.eval.segment import (CPU_RECIPE, Segmenter, confusion_matrix, count_parameters, dense_encoder,
+                                 load_segment_recipe, segmentation_scores, train_segmenter)
 from tests.conftest import REPO
 from tests.test_cli import error_of
 
@@ -141,7 +142,9 @@ def tiny_segmenter(canvases, **overrides):
         "crop_size": "[32,32]", "resize_short": 32, "batch_size": 8, "num_workers": 0, "blocks": "[1,2,3,4]",
         **overrides}.items()])
     subject = probe_subject(None, MAE_TINY, None, True, False, ["model.size=pico"], in_chans=1)
-    model = Segmenter(dense_encoder(*subject.timm_spec, subject.model.state_dict(), cfg, cfg.crop_size), 11, cfg)
+    encoder = dense_encoder(*subject.timm_spec, subject.model.state_dict(), cfg.drop_path, cfg.output_stride,
+                            cfg.crop_size)
+    model = Segmenter(encoder, 11, cfg)
     data = SegmentationFolder(canvases, "train"), SegmentationFolder(canvases, "val")
     return model, cfg, data, (data[0].mean, data[0].std)
 
@@ -192,17 +195,19 @@ def test_the_vit_b_ade20k_recipe_runs_two_iterations_at_512(capsys, tmp_path):
     for split in ("train", "val"):
         write_pair(root / split / "images", root / split / "labels", "a",
                    rng.integers(0, 255, (512, 512, 3), dtype=np.uint8), rng.integers(0, 150, (512, 512), dtype=np.uint8))
-    out = tmp_path / "run"
-    assert main(["eval", "segment", "--config", str(REPO / "configs/mae_vit-b16_in1k-800e.yaml"), "--random-init",
-                 "--data", f"seg:{root}", "--recipe", str(REPO / "configs/segment/upernet_vit-b16_ade20k-160k.yaml"),
-                 "--steps", "2", "--set", "batch_size=1", "--set", "decoder_norm=identity", "--set", "num_workers=0",
-                 "--set", "log_every=1",
-                 "--out", str(out)]) == 0
-    captured = capsys.readouterr()
-    result = json.loads(captured.out.strip().splitlines()[-1])
-    assert result["steps"] == 2 and result["params_encoder"] == 85_798_656 and result["params_head"] > 10_000_000
-    assert "upernet head (" in captured.out and "parameters" in captured.out
-    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()][:2] == [1, 2]
+    cfg = load_segment_recipe(REPO / "configs/segment/upernet_vit-b16_ade20k-160k.yaml",
+                              ["batch_size=1", "decoder_norm=identity", "num_workers=0", "log_every=1"])
+    subject = probe_subject(None, str(REPO / "configs/mae_vit-b16_in1k-800e.yaml"), None, True, False, [], in_chans=3)
+    model = Segmenter(dense_encoder(*subject.timm_spec, subject.model.state_dict(), cfg.drop_path, cfg.output_stride,
+                                    cfg.crop_size), 150, cfg)
+    params = count_parameters(model)
+    assert params["encoder"] == 85_798_656 and params["head"] > 10_000_000
+    train, out = SegmentationFolder(root, "train"), tmp_path / "run"
+    # stopped after two iterations as a crash would: no evaluation (two more UperNet passes at 512 px on the CPU)
+    assert train_segmenter(model, train, train, train.mean, train.std, cfg, out, stop_after=2, quiet=True)["steps"] == 2
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2] and all(np.isfinite(r["loss"]) for r in rows)
+    assert (out / "last.pt").is_file()
 
 
 def test_eval_report_adds_the_miou_column(capsys, tmp_path, fmnist_small):
@@ -287,7 +292,8 @@ def test_a_relative_position_encoder_is_rebuilt_at_the_crop_size(canvases, tmp_p
                             ["model.position=shared_relative"], in_chans=1)
     assert subject.timm_spec[0].startswith("beit")
     cfg = load_segment_recipe(TINY_RECIPE, ["crop_size=[48,48]", "inference=slide", "slide_stride=[16,16]"])
-    encoder = dense_encoder(*subject.timm_spec, subject.model.state_dict(), cfg, cfg.crop_size)
+    encoder = dense_encoder(*subject.timm_spec, subject.model.state_dict(), cfg.drop_path, cfg.output_stride,
+                            cfg.crop_size)
     table = encoder.rel_pos_bias.relative_position_bias_table
     assert table.shape[0] == (2 * 12 - 1) ** 2 + 3 != subject.model.rel_pos_bias.relative_position_bias_table.shape[0]
     model = Segmenter(encoder, 11, cfg).eval()
@@ -304,7 +310,9 @@ def test_each_ade20k_recipe_builds_its_model_at_the_shipped_settings(recipe, con
     from mimkit.eval.segment import count_parameters
     cfg = load_segment_recipe(REPO / "configs/segment" / f"{recipe}.yaml")
     subject = probe_subject(None, str(REPO / "configs" / f"{config}.yaml"), None, True, False, [], in_chans=3)
-    model = Segmenter(dense_encoder(*subject.timm_spec, subject.model.state_dict(), cfg, cfg.crop_size), 150, cfg)
+    encoder = dense_encoder(*subject.timm_spec, subject.model.state_dict(), cfg.drop_path, cfg.output_stride,
+                            cfg.crop_size)
+    model = Segmenter(encoder, 150, cfg)
     assert count_parameters(model) == {"encoder": encoder, "head": head}
     assert cfg.inference == "slide" and cfg.crop_size == [512, 512] and cfg.batch_size == 16 and cfg.steps == 160_000
 
@@ -318,7 +326,7 @@ def test_the_dense_encoder_holds_the_given_weights():
         subject = probe_subject(None, str(REPO / "configs" / f"{config}.yaml"), None, True, False, extra, in_chans=1)
         state = subject.model.state_dict()
         cfg = load_segment_recipe(TINY_RECIPE, [f"crop_size=[{crop[0]},{crop[1]}]", "inference=slide"])
-        rebuilt = dense_encoder(*subject.timm_spec, state, cfg, crop).state_dict()
+        rebuilt = dense_encoder(*subject.timm_spec, state, cfg.drop_path, cfg.output_stride, crop).state_dict()
         kept = [k for k in state if "relative_position" not in k]
         assert kept and all(torch.equal(rebuilt[k], state[k]) for k in kept)
         assert set(rebuilt) == set(state)

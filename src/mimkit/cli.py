@@ -1,4 +1,4 @@
-"""Command line: `mimkit pretrain | eval {knn,linear,attentive,finetune,segment,recon,robustness,report} | visualize attention
+"""Command line: `mimkit pretrain | eval {knn,linear,attentive,finetune,segment,detect,recon,robustness,report} | visualize attention
 | export | tokenizer {train,eval,show,convert-dalle} | demo`."""
 from __future__ import annotations
 
@@ -150,6 +150,23 @@ def build_parser() -> argparse.ArgumentParser:
     rob.add_argument("--train-limit", type=at_least(1), default=None)
     rob.add_argument("--test-limit", type=at_least(1), default=None)
     rob.add_argument("--device", default=None)
+    det = evsub.add_parser("detect", help="object detection and instance segmentation transfer: Mask R-CNN, COCO AP")
+    det.add_argument("--ckpt", help="RUN/last.pt or an export (.safetensors)")
+    det.add_argument("--config", help="recipe YAML of the encoder (with --init or --random-init)")
+    det.add_argument("--init", help="weights file to transfer (with --config)")
+    det.add_argument("--random-init", action="store_true", help="same architecture, untrained weights")
+    det.add_argument("--data", required=True, help="coco:DIR: COCO's release layout or any COCO-format folder")
+    det.add_argument("--recipe", required=True, help="protocol, e.g. configs/detect/maskrcnn_vit-b16_coco-1x.yaml")
+    det.add_argument("--set", dest="det_overrides", action="append", default=[], help="recipe override key=value")
+    det.add_argument("--steps", type=at_least(1), default=None, help="iterations (default: the recipe's epochs)")
+    det.add_argument("--out", default="runs/detect", help="run folder: last.pt, metrics.jsonl, tb/, the picture")
+    det.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    det.add_argument("--val-limit", type=at_least(1), default=None, help="score the first N validation images")
+    det.add_argument("--normalise", choices=["checkpoint", "data"], default="checkpoint",
+                     help="mean/std for the images: the encoder's pre-training data's (default) or --data's own")
+    det.add_argument("--device", default=None)
+    det.add_argument("--seed", type=at_least(0), default=0, help="the random init's seed")
+    det.add_argument("overrides", nargs="*", help="key=value config overrides (with --config)")
     rep = evsub.add_parser("report", help="several runs x several protocols -> OUT/report.md + PNGs")
     rep.add_argument("runs", nargs="+", help="RUN dirs or checkpoints; 'random:RUN' = that architecture untrained")
     rep.add_argument("--out", help="report folder (default: FIRST_RUN/report)")
@@ -168,6 +185,10 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--segment-recipe", help="segment: a recipe (default: configs/segment/"
                      "upernet_vit-mini_fmnist-canvas.yaml)")
     rep.add_argument("--segment-steps", type=at_least(1), default=None, help="segment: iterations (default: the recipe's)")
+    rep.add_argument("--detect-data", help="detect: coco:DIR (e.g. from mimkit data make-detection)")
+    rep.add_argument("--detect-recipe", help="detect: a recipe (default: configs/detect/"
+                     "maskrcnn_vit-mini_fmnist-canvas.yaml)")
+    rep.add_argument("--detect-steps", type=at_least(1), default=None, help="detect: iterations (default: the recipe's)")
 
     p = sub.add_parser("visualize", help="pictures of a run")
     vsub = p.add_subparsers(dest="what", required=True)
@@ -235,6 +256,14 @@ def build_parser() -> argparse.ArgumentParser:
     ms.add_argument("--train-count", type=at_least(1), default=2000, help="training canvases (train items)")
     ms.add_argument("--val-count", type=at_least(1), default=500, help="validation canvases (test items)")
     ms.add_argument("--seed", type=at_least(0), default=0)
+    md = dsub.add_parser("make-detection", help="a detection benchmark: the same canvases with a box and a mask per "
+                         "garment, as COCO-format JSON (coco:DIR)")
+    md.add_argument("--out", required=True, help="a new folder")
+    md.add_argument("--data", default="fashion-mnist", help="the IDX set whose items are composed")
+    md.add_argument("--canvas", type=at_least(28), default=64, help="canvas side in pixels")
+    md.add_argument("--train-count", type=at_least(1), default=2000, help="training canvases (train items)")
+    md.add_argument("--val-count", type=at_least(1), default=500, help="validation canvases (test items)")
+    md.add_argument("--seed", type=at_least(0), default=0)
 
     p = sub.add_parser("bench", help="a recipe's cost here: parameters per part, FLOPs per image, images/s, memory")
     p.add_argument("--config", required=True, action="append", help="recipe YAML (repeat for several)")
@@ -420,6 +449,26 @@ def run_segment(args) -> dict:
     return {**result, "recipe": args.recipe}
 
 
+def run_detect(args) -> dict:
+    """`eval detect`: the encoder named as for the probes, fine-tuned inside a Mask R-CNN on coco:DIR."""
+    from mimkit.data.detection import detection_split
+    from mimkit.eval.detect import detect_transfer, load_detect_recipe
+    from mimkit.eval.encoders import probe_subject
+    channels = detection_split(args.data, "train").channels
+    subject = probe_subject(args.ckpt, args.config, args.init, args.random_init, False, args.overrides,
+                            in_chans=channels, seed=args.seed)
+    if subject.timm_spec is None:
+        raise ValueError("eval detect needs an encoder: --ckpt RUN/last.pt or EXPORT, or --config with --init or "
+                         "--random-init")
+    cfg = load_detect_recipe(args.recipe, list(args.det_overrides) + ([f"steps={args.steps}"] if args.steps else []))
+    use_data = args.normalise == "data" or subject.mean is None
+    result = detect_transfer(subject.timm_spec, subject.model.state_dict(), subject.description, args.data, cfg,
+                             args.out, None if use_data else subject.mean, None if use_data else subject.std,
+                             default_device(args.device), args.resume, args.val_limit,
+                             log=lambda line: print(line, flush=True))
+    return {**result, "recipe": args.recipe}
+
+
 def run_recon(args) -> dict:
 
     from mimkit.data import build_dataset
@@ -557,9 +606,12 @@ def _run(args) -> int:
                    args.test_limit, tuple(int(s) for s in args.severities.split(",")), device=device,
                    inception_weights=args.inception_weights, fid_encoder=args.fid_encoder,
                    finetune_recipe=args.finetune_recipe, finetune_epochs=args.finetune_epochs,
-                   segment_data=args.segment_data, segment_recipe=args.segment_recipe, segment_steps=args.segment_steps)
+                   segment_data=args.segment_data, segment_recipe=args.segment_recipe, segment_steps=args.segment_steps,
+                   detect_data=args.detect_data, detect_recipe=args.detect_recipe, detect_steps=args.detect_steps)
     elif args.command == "eval" and args.protocol == "segment":
         print(json.dumps(run_segment(args)))
+    elif args.command == "eval" and args.protocol == "detect":
+        print(json.dumps(run_detect(args)))
     elif args.command == "eval":
         print(json.dumps(run_probe(args, args.protocol)))
     elif args.command == "visualize" and args.what == "reconstruction":
@@ -578,6 +630,11 @@ def _run(args) -> int:
         print(json.dumps({"safetensors": str(weights), "json": str(meta)}))
     elif args.command == "tokenizer":
         run_tokenizer_command(args)
+    elif args.command == "data" and args.data_command == "make-detection":
+        from mimkit.data.detection import make_detection
+        start = time.time()
+        made = make_detection(args.out, args.data, args.canvas, args.train_count, args.val_count, seed=args.seed)
+        print(json.dumps({"out": args.out, **made, "wall_s": round(time.time() - start, 1)}))
     elif args.command == "data" and args.data_command == "make-segmentation":
         from mimkit.data.segmentation import make_segmentation
         start = time.time()

@@ -142,47 +142,71 @@ def read_classes(path: Path) -> tuple[list[str], int]:
 def make_segmentation(out: str | Path, source: str = "fashion-mnist", canvas: int = 64, train_count: int = 2000,
                       val_count: int = 500, items: tuple[int, int] = (1, 4), scale: tuple[float, float] = (0.75, 1.5),
                       seed: int = 0) -> dict:
-    """Fashion-MNIST items (or another grayscale IDX set's) composed onto `canvas` x `canvas` black canvases, written
-    in the generic layout.
-
-    Each canvas takes 1 to 4 (`items`) garments, drawn from the train split for `train/` and the test split for
-    `val/`, each resized by a factor in `scale` (21-42 px from 28 px items) and placed uniformly at random wholly
-    inside the canvas; later items cover earlier ones where they overlap. Labels: 0 = background, the item's class
-    + 1 where its pixel is foreground (above 10 % of full intensity, so the resize's faint fringe stays
-    background). Seeded: the same arguments write the same files."""
+    """Fashion-MNIST items (or another grayscale IDX set's) composed onto `canvas` x `canvas` black canvases
+    (`compose_canvases`), written in the generic layout. Labels: 0 = background, the item's class + 1 where its
+    pixel is foreground and not covered by a later item. Seeded: the same arguments write the same files."""
     from PIL import Image
-
-    from mimkit.data.datasets import IDXDataset, resolve_spec
-    kind, path = resolve_spec(source)
-    if kind != "idx":
-        raise DataError(f"make-segmentation composes items of an IDX set (fashion-mnist or idx:DIR), not '{source}'")
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise FileExistsError(f"--out {out} is not an empty folder; pick a new one for the benchmark")
-    rng = np.random.default_rng(seed)
+    out = new_benchmark_folder(out)
     summary = {"canvas": canvas, "seed": seed, "items": list(items), "scale": list(scale)}
-    names = None
-    for split, source_split, count in (("train", "train", train_count), ("val", "test", val_count)):
-        found = IDXDataset(path, source_split)
-        pictures, classes = found.images[:, 0].numpy(), found.labels.numpy()
-        names = names or (FASHION_MNIST_CLASSES if found.num_classes == 10 else
-                          [f"class {i}" for i in range(found.num_classes)])
+    for split, names, canvases in canvas_splits(source, canvas, train_count, val_count, items, scale, seed):
         (out / split / "images").mkdir(parents=True)
         (out / split / "labels").mkdir(parents=True)
-        for n in range(count):
-            image = np.zeros((canvas, canvas), np.uint8)
-            label = np.zeros((canvas, canvas), np.uint8)
-            for _ in range(int(rng.integers(items[0], items[1] + 1))):
-                k = int(rng.integers(len(pictures)))
-                side = min(canvas, int(round(pictures.shape[1] * rng.uniform(*scale))))
-                item = np.asarray(Image.fromarray(pictures[k]).resize((side, side), Image.BILINEAR))
-                top, left = (int(v) for v in rng.integers(0, canvas - side + 1, size=2))
-                fg = item > 25
-                image[top:top + side, left:left + side][fg] = item[fg]
-                label[top:top + side, left:left + side][fg] = int(classes[k]) + 1
+        for n, (image, placed) in enumerate(canvases):
+            label = np.zeros_like(image)
+            for cls, mask in placed:
+                label[mask] = cls + 1
             Image.fromarray(image).save(out / split / "images" / f"{n:06d}.png")
             Image.fromarray(label).save(out / split / "labels" / f"{n:06d}.png")
-        summary[split] = count
+        summary[split] = train_count if split == "train" else val_count
     (out / "classes.json").write_text(json.dumps({"classes": ["background"] + names, "ignore_index": IGNORE,
                                                   "made_by": summary}, indent=1))
     return summary
+
+
+def new_benchmark_folder(out: str | Path) -> Path:
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"--out {out} is not an empty folder; pick a new one for the benchmark")
+    return out
+
+
+def canvas_splits(source: str, canvas: int, train_count: int, val_count: int, items: tuple[int, int],
+                  scale: tuple[float, float], seed: int):
+    """(split, class names, canvases) for train (from the source's train items) and val (from its test items),
+    one seeded stream for both, so the same arguments give the same canvases."""
+    from mimkit.data.datasets import IDXDataset, resolve_spec
+    kind, path = resolve_spec(source)
+    if kind != "idx":
+        raise DataError(f"the canvas benchmarks compose items of an IDX set (fashion-mnist or idx:DIR), not '{source}'")
+    rng = np.random.default_rng(seed)
+    for split, source_split, count in (("train", "train", train_count), ("val", "test", val_count)):
+        found = IDXDataset(path, source_split)
+        names = FASHION_MNIST_CLASSES if found.num_classes == 10 else [f"class {i}" for i in range(found.num_classes)]
+        yield split, names, compose_canvases(found.images[:, 0].numpy(), found.labels.numpy(), count, canvas, items,
+                                             scale, rng)
+
+
+def compose_canvases(pictures: np.ndarray, classes: np.ndarray, count: int, canvas: int, items: tuple[int, int],
+                     scale: tuple[float, float], rng: np.random.Generator):
+    """`count` canvases of 1 to 4 (`items`) garments each: (image uint8 [canvas, canvas], [(class, visible mask
+    bool [canvas, canvas]) per item, in drawing order]).
+
+    Each item is resized by a factor in `scale` (21-42 px from 28 px items) and placed uniformly at random wholly
+    inside the black canvas; later items cover earlier ones where they overlap. An item's mask is its foreground
+    (above 10 % of full intensity, so the resize's faint fringe stays background) that no later item covers; an
+    item covered whole keeps an empty mask."""
+    from PIL import Image
+    for _ in range(count):
+        image = np.zeros((canvas, canvas), np.uint8)
+        owner = np.zeros((canvas, canvas), np.int16)         # 0: background, j + 1: the j-th item drawn
+        placed = []
+        for j in range(int(rng.integers(items[0], items[1] + 1))):
+            k = int(rng.integers(len(pictures)))
+            side = min(canvas, int(round(pictures.shape[1] * rng.uniform(*scale))))
+            item = np.asarray(Image.fromarray(pictures[k]).resize((side, side), Image.BILINEAR))
+            top, left = (int(v) for v in rng.integers(0, canvas - side + 1, size=2))
+            fg = item > 25
+            image[top:top + side, left:left + side][fg] = item[fg]
+            owner[top:top + side, left:left + side][fg] = j + 1
+            placed.append(int(classes[k]))
+        yield image, [(cls, owner == j + 1) for j, cls in enumerate(placed)]

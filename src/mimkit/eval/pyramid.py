@@ -4,6 +4,8 @@
   four blocks (e.g. 4/6/8/12 of ViT-B, 1-based) resampled to x4 (two 2x2 deconvolutions with BatchNorm + GELU
   between), x2 (one deconvolution), x1 and x1/2 (2x2 max-pooling) of the patch grid: strides 4/8/16/32 px at
   patch 16. The blocks' outputs are taken before the encoder's final norm, as that code does.
+  With the last block four times (`simple_blocks`), the same resampling is ViTDet's simple feature pyramid (Li et
+  al. 2022, Fig. 2c) from the last map alone.
 - `ResNetPyramid`: a ResNet's four stages (strides 4/8/16/32 px, or dilated to a smaller output stride).
 
 Both read the encoder through timm's `forward_intermediates`, so any timm ViT, Beit or ResNet the exports name fits.
@@ -38,9 +40,11 @@ class ViTPyramid(nn.Module):
         self.size_multiple = patch * 2          # inputs padded to it, so the max-pooled map is exact
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        maps = self.encoder.forward_intermediates(x, indices=self.indices, norm=False, output_fmt="NCHW",
+        taken = sorted(set(self.indices))          # timm returns a block once, however often it is named
+        maps = self.encoder.forward_intermediates(x, indices=taken, norm=False, output_fmt="NCHW",
                                                   intermediates_only=True)
-        return [f(m) for f, m in zip(self.resample, maps)]
+        by_block = dict(zip(taken, maps))
+        return [f(by_block[i]) for f, i in zip(self.resample, self.indices)]
 
 
 class ResNetPyramid(nn.Module):
@@ -60,6 +64,11 @@ def build_pyramid(encoder: nn.Module, blocks: Sequence[int] | None) -> nn.Module
         depth = len(encoder.blocks)
         return ViTPyramid(encoder, blocks or default_blocks(depth))
     return ResNetPyramid(encoder)
+
+
+def simple_blocks(depth: int) -> list[int]:
+    """ViTDet's simple feature pyramid: every scale from the last block."""
+    return [depth] * 4
 
 
 def default_blocks(depth: int) -> list[int]:

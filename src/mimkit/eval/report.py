@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-PROTOCOLS = ("knn", "linear", "linear_lars", "attentive", "recon", "robustness", "finetune", "segment")
+PROTOCOLS = ("knn", "linear", "linear_lars", "attentive", "recon", "robustness", "finetune", "segment", "detect")
 DEFAULT_PROTOCOLS = ("knn", "linear", "attentive", "recon", "robustness")
 
 
@@ -45,7 +45,8 @@ def run_report(specs: list[str], out: str | Path, data: str = "fashion-mnist", p
                finetune_epochs: int | None = None, finetune_recipe: str | None = None, device: str = "cpu",
                seed: int = 0, log=print,
                inception_weights: str | None = None, fid_encoder: str | None = None, segment_data: str | None = None,
-               segment_recipe: str | None = None, segment_steps: int | None = None) -> list[dict]:
+               segment_recipe: str | None = None, segment_steps: int | None = None, detect_data: str | None = None,
+               detect_recipe: str | None = None, detect_steps: int | None = None) -> list[dict]:
     from mimkit.data import build_dataset
     from mimkit.engine.logging import read_metrics, save_loss_curves
     from mimkit.eval import extract_features, knn_top1
@@ -61,6 +62,9 @@ def run_report(specs: list[str], out: str | Path, data: str = "fashion-mnist", p
         raise ValueError(f"unknown protocol(s) {', '.join(sorted(unknown))}; choose from {', '.join(PROTOCOLS)}")
     if "segment" in protocols and not segment_data:
         raise ValueError("the segment protocol needs --segment-data seg:DIR; 'mimkit data make-segmentation --out DIR' "
+                         "builds one from Fashion-MNIST")
+    if "detect" in protocols and not detect_data:
+        raise ValueError("the detect protocol needs --detect-data coco:DIR; 'mimkit data make-detection --out DIR' "
                          "builds one from Fashion-MNIST")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -123,6 +127,16 @@ def run_report(specs: list[str], out: str | Path, data: str = "fashion-mnist", p
                                      quiet=True, log=log)
             row["segment"] = {k: found[k] for k in ("miou", "pixel_acc", "steps", "head", "wall_s")}
             row["segment_png"] = f"segment-{i}/segment-examples.png"
+        if "detect" in protocols:
+            from mimkit.eval.detect import CPU_RECIPE as DETECT_CPU_RECIPE
+            from mimkit.eval.detect import detect_transfer, load_detect_recipe
+            det_cfg = load_detect_recipe(detect_recipe or DETECT_CPU_RECIPE, [f"steps={detect_steps}"] if detect_steps else [])
+            spec_enc = entry.method.encoder
+            found = detect_transfer((spec_enc.timm_name, spec_enc.timm_kwargs), enc.state_dict(), entry.label,
+                                    detect_data, det_cfg, out / f"detect-{i}", entry.mean, entry.std, device,
+                                    quiet=True, log=log)
+            row["detect"] = {k: found[k] for k in ("box_ap", "box_ap50", "mask_ap", "mask_ap50", "steps", "wall_s")}
+            row["detect_png"] = f"detect-{i}/detect-examples.png"
         images = _first_images(test_set, size, entry.mean, entry.std)          # on the CPU
         entry.method.to(device)
         if cfg.model.arch == "vit":
@@ -178,7 +192,8 @@ def render(rows: list[dict], protocols, data, train_limit, test_limit, severitie
     for p in protocols:
         cols += {"knn": ["k-NN"], "linear": ["linear"], "linear_lars": ["linear (LARS)"], "attentive": ["attentive"],
                  "recon": ["L1", "PSNR", "SSIM", "MS-SSIM", "IS", "FID"], "robustness": ["clean (probe)", "mCE"],
-                 "finetune": ["fine-tune best", "fine-tune final"], "segment": ["mIoU", "pixel acc."]}[p]
+                 "finetune": ["fine-tune best", "fine-tune final"], "segment": ["mIoU", "pixel acc."],
+                 "detect": ["AP box", "AP50 box", "AP mask", "AP50 mask"]}[p]
     lines = ["# mimkit evaluation report", "",
              f"Data `{data}`; probes trained on {train_limit or 'all'} train images, measured on {test_limit or 'all'} "
              f"test images; top-1 in %. Reconstruction metrics over a fixed set of seeded masks (seed 0). "
@@ -201,6 +216,9 @@ def render(rows: list[dict], protocols, data, train_limit, test_limit, severitie
             elif p == "segment":
                 seg = r.get("segment") or {}
                 cells += [_f(seg.get("miou"), 2), _f(seg.get("pixel_acc"), 2)]
+            elif p == "detect":
+                det = r.get("detect") or {}
+                cells += [_f(det.get(k), 2) for k in ("box_ap", "box_ap50", "mask_ap", "mask_ap50")]
             else:
                 cells.append(_f(r.get(p), 2))
         lines.append(f"| {r['run']} | " + " | ".join(cells) + " |")
@@ -220,6 +238,8 @@ def render(rows: list[dict], protocols, data, train_limit, test_limit, severitie
             lines += ["", "Last-layer CLS attention (image | mean over heads | each head):", "", f"![attention]({r['attention_png']})"]
         if "segment_png" in r:
             lines += ["", "Segmentation (image | label | prediction):", "", f"![segmentation]({r['segment_png']})"]
+        if "detect_png" in r:
+            lines += ["", "Detection (ground truth above, predictions below):", "", f"![detection]({r['detect_png']})"]
         lines += ["", "Reconstructions:", "", f"![reconstruction]({r['reconstruction_png']})", ""]
     return "\n".join(lines) + "\n"
 

@@ -32,16 +32,15 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from mimkit.data import ResumableSampler, to_unit_float
-from mimkit.engine.checkpoint import CheckpointError, load_checkpoint, save_atomic
+from mimkit.data import to_unit_float
 from mimkit.engine.logging import MetricsLog
+from mimkit.eval.dense import (Seeded, dense_encoder, head_groups, layer_decay_groups, resume_run, save_run,
+                               seeded_batches)
 from mimkit.eval.pyramid import build_pyramid, is_vit
 
 RECIPES = Path(__file__).resolve().parents[3] / "configs" / "segment"
@@ -119,31 +118,6 @@ def load_segment_recipe(path, overrides=()) -> SegmentConfig:
 
 
 # ---------------------------------------------------------------------------------------------------- the model
-def dense_encoder(timm_name: str, timm_kwargs: dict, state: dict, cfg: SegmentConfig, crop_size) -> nn.Module:
-    """The pre-trained encoder rebuilt for dense inputs of any size: a ViT interpolates its position table on the
-    fly (timm's dynamic_img_size); a Beit is built at the crop size with its relative position tables resized by
-    timm's own filter; a ResNet is dilated to `output_stride` when the recipe asks."""
-    kwargs = dict(timm_kwargs, num_classes=0)          # pooling kwargs kept: they decide which final norm exists
-    if timm_name.startswith("beit"):
-        kwargs["img_size"] = list(crop_size)
-        model = timm.create_model(timm_name, pretrained=False, drop_path_rate=cfg.drop_path, **kwargs)
-        from timm.models.beit import checkpoint_filter_fn
-        state = checkpoint_filter_fn(state, model)
-    elif "embed_dim" in kwargs:
-        model = timm.create_model(timm_name, pretrained=False, drop_path_rate=cfg.drop_path, dynamic_img_size=True,
-                                  **kwargs)
-    else:
-        if cfg.output_stride:
-            kwargs["output_stride"] = cfg.output_stride
-        model = timm.create_model(timm_name, pretrained=False, drop_path_rate=cfg.drop_path, **kwargs)
-    result = model.load_state_dict(state, strict=False)
-    unexpected = [k for k in result.unexpected_keys if not k.startswith(("head.", "fc.", "fc_norm."))]
-    if result.missing_keys or unexpected:
-        raise CheckpointError(f"the encoder's weights do not fit {timm_name}: missing {result.missing_keys[:3]}, "
-                              f"unexpected {unexpected[:3]}")
-    return model
-
-
 class LastMaps(nn.Module):
     """The encoder's last two stages at their own stride (a ViT: blocks 2/3 and 3/3 of its depth at the patch
     stride; a ResNet: stages 3 and 4), for the linear and FCN heads (the first feeds the auxiliary head)."""
@@ -281,48 +255,11 @@ def resize_pair(image: torch.Tensor, label: torch.Tensor, size) -> tuple[torch.T
     return image, label
 
 
-class Seeded(Dataset):
-    """(index, seed) -> transformed (image, label)."""
-
-    def __init__(self, dataset, transform):
-        self.dataset, self.transform = dataset, transform
-
-    def __len__(self):
-        return len(self.dataset)
-
-    def __getitem__(self, item):
-        index, seed = item
-        image, label = self.dataset[index]
-        return self.transform(image, label, seed)
-
-
 # ---------------------------------------------------------------------------------------------------- training
 def param_groups(model: Segmenter, cfg: SegmentConfig) -> list[dict]:
-    """Layer-wise lr decay over the encoder as BEiT's and MAE's code count it (embeddings layer 0, block i layer
-    i + 1, the head and the final norm layer depth + 1; scale decay^(depth + 1 - layer): the last block at decay^1;
-    timm's `param_groups_layer_decay` on a headless encoder puts it at 1), no weight decay for 1-D parameters and position/class tokens;
-    the head at scale 1. A ResNet takes timm's stage grouping."""
-    from timm.optim import param_groups_layer_decay
-    skip = set(getattr(model.encoder, "no_weight_decay", set)())
-    if cfg.frozen:
-        groups = []
-    elif is_vit(model.encoder):
-        depth, groups = len(model.encoder.blocks), {}
-        for name, p in model.encoder.named_parameters():
-            layer = int(name.split(".")[1]) + 1 if name.startswith("blocks.") else \
-                0 if name.startswith(("cls_token", "reg_token", "pos_embed", "patch_embed", "rel_pos_bias")) else depth + 1
-            decay = p.ndim > 1 and name not in skip
-            group = groups.setdefault((layer, decay), {"params": [], "weight_decay": cfg.weight_decay if decay else 0.0,
-                                                       "lr_scale": cfg.layer_decay ** (depth + 1 - layer)})
-            group["params"].append(p)
-        groups = list(groups.values())
-    else:
-        groups = param_groups_layer_decay(model.encoder, weight_decay=cfg.weight_decay, layer_decay=cfg.layer_decay,
-                                          no_weight_decay_list=list(skip))
-    head = model.head_parameters()
-    groups.append({"params": [p for p in head if p.ndim > 1], "weight_decay": cfg.weight_decay, "lr_scale": 1.0})
-    groups.append({"params": [p for p in head if p.ndim <= 1], "weight_decay": 0.0, "lr_scale": 1.0})
-    return [g for g in groups if g["params"]]
+    """The encoder's layer-decay groups (`dense.layer_decay_groups`; none when frozen), the head at scale 1."""
+    groups = [] if cfg.frozen else layer_decay_groups(model.encoder, cfg.weight_decay, cfg.layer_decay)
+    return groups + head_groups(model.head_parameters(), cfg.weight_decay)
 
 
 def learning_rate(step: int, cfg: SegmentConfig) -> float:
@@ -384,8 +321,8 @@ def evaluate(model: Segmenter, dataset, mean_t, std_t, cfg: SegmentConfig, limit
 def train_segmenter(model: Segmenter, train_set, val_set, mean, std, cfg: SegmentConfig, out: str | Path,
                     resume: bool = False, device="cpu", stop_after: int | None = None, quiet: bool = False,
                     val_limit: int | None = None) -> dict:
-    """Fine-tunes `model` for cfg.steps (or stops after step `stop_after`, checkpointed, as a crash would);
-    returns the final validation scores and the run's facts."""
+    """Fine-tunes `model` for cfg.steps (or stops after step `stop_after`, checkpointed and not evaluated, as a crash
+    would); returns the final validation scores and the run's facts."""
     out, device = Path(out), torch.device(device)
     if len(train_set) < cfg.batch_size:
         raise ValueError(f"{len(train_set)} training images cannot fill one batch of {cfg.batch_size}; use more "
@@ -394,47 +331,21 @@ def train_segmenter(model: Segmenter, train_set, val_set, mean, std, cfg: Segmen
     model.to(device)
     opt = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, betas=tuple(cfg.betas)) if cfg.optimizer == "adamw" \
         else torch.optim.SGD(param_groups(model, cfg), lr=cfg.lr, momentum=cfg.momentum)
-    start_step = 0
     torch.manual_seed(cfg.seed)
-    if resume and (out / "last.pt").is_file():
-        ckpt = load_checkpoint(out / "last.pt")
-        if ckpt.get("kind") != "mimkit-segment" or ckpt["config"] != asdict(cfg):
-            raise CheckpointError(f"{out / 'last.pt'} is not a segmentation run with this recipe; resume it with the "
-                                  f"same --recipe and --set values, or choose another --out")
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        torch.set_rng_state(ckpt["rng"])
-        start_step = ckpt["step"]
-    elif not resume and (out / "last.pt").exists():
-        raise FileExistsError(f"{out} already holds a segmentation run (last.pt); pass --resume to continue it, or "
-                              f"choose another --out")
+    start_step = resume_run(out, "mimkit-segment", asdict(cfg), model, opt, resume)
     log = MetricsLog(out, start_step if start_step else None)
     mean_t = torch.tensor(mean, device=device).view(1, -1, 1, 1)
     std_t = torch.tensor(std, device=device).view(1, -1, 1, 1)
     criterion = nn.CrossEntropyLoss(ignore_index=train_set.ignore_index)
     data = Seeded(train_set, SegmentTrainTransform(cfg, train_set.ignore_index))
-    per_epoch = len(train_set) // cfg.batch_size
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
-
-    def batches(step: int):
-        epoch, done = divmod(step, per_epoch)
-        while True:
-            sampler = ResumableSampler(len(train_set), cfg.seed, epoch, skip=done * cfg.batch_size)
-            yield from DataLoader(data, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
-                                  num_workers=cfg.num_workers, pin_memory=device.type == "cuda",
-                                  generator=torch.Generator())    # its seed draw must not touch the global RNG
-            epoch, done = epoch + 1, 0
-
-    def save(step: int):
-        save_atomic({"kind": "mimkit-segment", "step": step, "model": model.state_dict(), "optimizer": opt.state_dict(),
-                     "rng": torch.get_rng_state(), "config": asdict(cfg)}, out / "last.pt")
 
     model.train()
     end = min(cfg.steps, stop_after or cfg.steps)
     bar = tqdm(total=cfg.steps, initial=start_step, disable=quiet or not sys.stderr.isatty(), dynamic_ncols=True,
                desc="segment")
     running, steps_in_row, tick, seen, scores = torch.zeros((), device=device), 0, time.perf_counter(), 0, None
-    stream = batches(start_step)
+    stream = seeded_batches(data, cfg.batch_size, cfg.seed, start_step, cfg.num_workers, device.type == "cuda")
     for step in range(start_step, end):
         images, labels = next(stream)
         now = learning_rate(step, cfg)
@@ -465,11 +376,11 @@ def train_segmenter(model: Segmenter, train_set, val_set, mean, std, cfg: Segmen
             scores = evaluate(model, val_set, mean_t, std_t, cfg, val_limit)
             log.write({"step": done, "val/miou": scores["miou"], "val/pixel_acc": scores["pixel_acc"]})
         if done % cfg.ckpt_every == 0 or done == end:
-            save(done)
+            save_run(out, "mimkit-segment", asdict(cfg), done, model, opt)
     bar.close()
-    if scores is None:
+    if scores is None and end == cfg.steps:
         scores = evaluate(model, val_set, mean_t, std_t, cfg, val_limit)
-    return {**scores, "steps": end}
+    return {**(scores or {}), "steps": end}
 
 
 def draw_examples(model: Segmenter, dataset, mean, std, cfg: SegmentConfig, path: str | Path, title: str,
@@ -523,7 +434,8 @@ def segment_transfer(timm_spec: tuple[str, dict], state: dict, description: str,
     if name.startswith("beit") and cfg.inference == "whole":
         raise ValueError("an encoder with relative position tables (timm Beit) is rebuilt at the crop size and takes "
                          "no other; set inference: slide (windows of crop_size) in the segment recipe")
-    model = Segmenter(dense_encoder(name, kwargs, state, cfg, cfg.crop_size), train_set.num_classes, cfg)
+    model = Segmenter(dense_encoder(name, kwargs, state, cfg.drop_path, cfg.output_stride, cfg.crop_size),
+                      train_set.num_classes, cfg)
     params = count_parameters(model)
     log(f"eval segment: {cfg.head} head ({params['head']:,} parameters) on {description} ({params['encoder']:,} "
         f"parameters{', frozen' if cfg.frozen else ''}); {len(train_set)} train / {len(val_set)} val images, "
