@@ -18,7 +18,10 @@ and raw pixels. Transfer: k-NN and linear probe of the frozen encoders on a seco
 scikit-learn`), normalised with the pre-training statistics. Dense transfer (the mIoU column, equal-epochs rows and
 random init): `eval segment` with configs/segment/upernet_vit-mini_fmnist-canvas.yaml for `--segment-steps` (200,
 about 6 minutes per method on 2 CPU cores; 0 leaves the column out) on `mimkit data make-segmentation`'s default
-benchmark (2,000 train / 500 val 64x64 canvases, seed 0), written to OUT/canvases.
+benchmark (2,000 train / 500 val 64x64 canvases, seed 0), written to OUT/canvases; the AP columns: `eval detect`
+with configs/detect/maskrcnn_vit-mini_fmnist-canvas.yaml for `--detect-steps` (400, about 9 minutes per method; 0
+leaves them out) on `mimkit data make-detection`'s default benchmark (the same canvases as COCO JSON), in
+OUT/coco-canvases.
 
 CAE's targets come from the tiny dVAE tokenizer its recipe names (`runs/dvae-fmnist-tiny/last.pt`, relative to the
 working directory); when it is missing it is trained first (2 epochs, ~24 min on one CPU core).
@@ -123,17 +126,24 @@ def evaluate(spec: str, out: Path, data: str, protocols, args) -> dict:
     return row
 
 
-def segment(spec: str, out: Path, canvases: Path, args) -> dict:
-    """The mIoU cell: `eval report`'s segment protocol (kept in OUT/results, so a re-run skips it)."""
+def dense(protocol: str, spec: str, out: Path, folder: Path, args) -> dict:
+    """The mIoU or AP cells: `eval report`'s segment or detect protocol (kept in OUT/results, so a re-run skips it);
+    the canvas benchmark is made in `folder` the first time."""
+    from mimkit.data.detection import make_detection
     from mimkit.data.segmentation import make_segmentation
     from mimkit.eval.report import run_report
     if out.with_suffix(".json").exists():
         return json.loads(out.with_suffix(".json").read_text())
-    if not (canvases / "classes.json").exists():
-        make_segmentation(canvases)
-    row = run_report([spec], out, protocols=("segment",), train_limit=args.train_limit, test_limit=args.test_limit,
-                     device=args.device or "cpu", segment_data=f"seg:{canvases}", segment_steps=args.segment_steps,
-                     log=lambda m: print(m, flush=True))[0]["segment"]
+    if protocol == "segment":
+        if not (folder / "classes.json").exists():
+            make_segmentation(folder)
+        data = {"segment_data": f"seg:{folder}", "segment_steps": args.segment_steps}
+    else:
+        if not (folder / "annotations").exists():
+            make_detection(folder)
+        data = {"detect_data": f"coco:{folder}", "detect_steps": args.detect_steps}
+    row = run_report([spec], out, protocols=(protocol,), train_limit=args.train_limit, test_limit=args.test_limit,
+                     device=args.device or "cpu", log=lambda m: print(m, flush=True), **data)[0][protocol]
     out.with_suffix(".json").write_text(json.dumps(row, indent=2, default=float))
     return row
 
@@ -155,7 +165,7 @@ def table(rows: list[dict], args, transfer_name: str | None) -> str:
     images = args.train_images or 60000
     head = ["method", "budget", "steps", "epochs", "GFLOP/img", "TFLOP total", "k-NN", "linear", "attentive",
             "fine-tune", "L1", "PSNR", "SSIM"] + (["FID"] if args.fid_encoder else []) + \
-        (["mIoU"] if args.segment_steps else []) + \
+        (["mIoU"] if args.segment_steps else []) + (["AP box", "AP mask"] if args.detect_steps else []) + \
         ([f"{transfer_name} k-NN", f"{transfer_name} linear"] if transfer_name else [])
     lines = [f"Fashion-MNIST, ViT-mini (patch 4, 28 px) tiny recipes, batch {args.batch}, pre-trained on "
              f"{images:,} train images for {args.epochs:g} epochs (equal epochs) or MAE's training FLOPs of those "
@@ -164,6 +174,8 @@ def table(rows: list[dict], args, transfer_name: str | None) -> str:
              "epochs with configs/finetune/fmnist-tiny.yaml; "
              + (f"mIoU (%) of UperNet fine-tuned {args.segment_steps} steps on the 64x64 canvas benchmark "
                 "(configs/segment/upernet_vit-mini_fmnist-canvas.yaml); " if args.segment_steps else "") +
+             (f"COCO AP (%) of boxes and masks of Mask R-CNN fine-tuned {args.detect_steps} steps on the canvas "
+              "benchmark (configs/detect/maskrcnn_vit-mini_fmnist-canvas.yaml); " if args.detect_steps else "") +
              "reconstruction metrics on 500 test images with seeded masks.", "",
              "| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     for r in rows:
@@ -178,6 +190,7 @@ def table(rows: list[dict], args, transfer_name: str | None) -> str:
                  cell(m.get("attentive")), cell(ft), cell(recon.get("l1"), 4), cell(recon.get("psnr"), 2),
                  cell(recon.get("ssim"), 3)] + ([cell(recon.get("fid"), 2)] if args.fid_encoder else []) + \
             ([cell((r.get("segment") or {}).get("miou"))] if args.segment_steps else []) + \
+            ([cell((r.get("detect") or {}).get(k)) for k in ("box_ap", "mask_ap")] if args.detect_steps else []) + \
             ([cell(t.get("knn")), cell(t.get("linear"))] if transfer_name else [])
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -194,6 +207,7 @@ def main() -> None:
     parser.add_argument("--test-limit", type=int, default=2000)
     parser.add_argument("--finetune-epochs", type=int, default=5, help="configs/finetune/fmnist-tiny.yaml's 5")
     parser.add_argument("--segment-steps", type=int, default=200, help="eval segment iterations (0: no mIoU column)")
+    parser.add_argument("--detect-steps", type=int, default=400, help="eval detect iterations (0: no AP columns)")
     parser.add_argument("--fid-encoder", default=None, help="a FID feature encoder (see `mimkit eval report`)")
     parser.add_argument("--device", default=None)
     parser.add_argument("--out", default="runs/fmnist-table")
@@ -241,7 +255,9 @@ def main() -> None:
         if transfer:
             row["transfer"] = evaluate(str(run), out / "results" / f"{key}-transfer", transfer, ("knn", "linear"), args)
         if args.segment_steps and budget == "equal epochs":
-            row["segment"] = segment(str(run), out / "results" / f"{key}-segment", out / "canvases", args)
+            row["segment"] = dense("segment", str(run), out / "results" / f"{key}-segment", out / "canvases", args)
+        if args.detect_steps and budget == "equal epochs":
+            row["detect"] = dense("detect", str(run), out / "results" / f"{key}-detect", out / "coco-canvases", args)
         rows.append(row)
         write(final=False)
     reference = {"method": "random init (same ViT-mini)", "budget": "none"}
@@ -254,8 +270,11 @@ def main() -> None:
             reference["transfer"] = evaluate(f"random:{first}", out / "results" / "random-init-transfer", transfer,
                                              ("knn", "linear"), args)
         if args.segment_steps:
-            reference["segment"] = segment(f"random:{first}", out / "results" / "random-init-segment",
-                                           out / "canvases", args)
+            reference["segment"] = dense("segment", f"random:{first}", out / "results" / "random-init-segment",
+                                         out / "canvases", args)
+        if args.detect_steps:
+            reference["detect"] = dense("detect", f"random:{first}", out / "results" / "random-init-detect",
+                                        out / "coco-canvases", args)
     stats = torch.load(first / "last.pt", weights_only=True, mmap=True)["data_stats"]
     pixels = {"method": "raw pixels", "budget": "none", "main": raw_pixels("fashion-mnist", args, stats["mean"], stats["std"])}
     if transfer:

@@ -310,9 +310,8 @@ def test_each_ade20k_recipe_builds_its_model_at_the_shipped_settings(recipe, con
     from mimkit.eval.segment import count_parameters
     cfg = load_segment_recipe(REPO / "configs/segment" / f"{recipe}.yaml")
     subject = probe_subject(None, str(REPO / "configs" / f"{config}.yaml"), None, True, False, [], in_chans=3)
-    encoder = dense_encoder(*subject.timm_spec, subject.model.state_dict(), cfg.drop_path, cfg.output_stride,
-                            cfg.crop_size)
-    model = Segmenter(encoder, 150, cfg)
+    net = dense_encoder(*subject.timm_spec, subject.model.state_dict(), cfg.drop_path, cfg.output_stride, cfg.crop_size)
+    model = Segmenter(net, 150, cfg)
     assert count_parameters(model) == {"encoder": encoder, "head": head}
     assert cfg.inference == "slide" and cfg.crop_size == [512, 512] and cfg.batch_size == 16 and cfg.steps == 160_000
 
