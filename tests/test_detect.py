@@ -13,8 +13,8 @@ from mimkit.cli import main
 from mimkit.data.detection import CocoDetection, encode_mask, make_detection, quiet_coco
 from mimkit.data.segmentation import canvas_splits
 from mimkit.eval.dense import dense_encoder
-from mimkit.eval.detect import (CPU_RECIPE, RECIPES, build_detector, coco_results, coco_scores, learning_rate,
-                                load_detect_recipe, param_groups, train_detector)
+from mimkit.eval.detect import (CPU_RECIPE, RECIPES, build_detector, coco_results, coco_scores, detection_encoder,
+                                learning_rate, load_detect_recipe, param_groups, train_detector)
 from mimkit.eval.encoders import probe_subject
 
 REPO = Path(__file__).resolve().parents[1]
@@ -76,7 +76,7 @@ def vit_detector(recipe, **overrides):
     subject = probe_subject(None, config, None, True, False, [], in_chans=3 if config == MAE_B else 1, seed=0)
     encoder = dense_encoder(*subject.timm_spec, subject.model.state_dict(), cfg.drop_path)
     channels = encoder.patch_embed.proj.in_channels
-    return build_detector(encoder, 80, [0.5] * channels, [0.25] * channels, cfg), cfg
+    return build_detector(encoder, None, 80, [0.5] * channels, [0.25] * channels, cfg), cfg
 
 
 def test_the_vit_adaptor_feeds_the_fpn_the_named_blocks_at_strides_4_8_16_32():
@@ -108,7 +108,7 @@ def test_the_vit_adaptor_feeds_the_fpn_the_named_blocks_at_strides_4_8_16_32():
 def test_a_resnet_feeds_the_fpn_its_four_stages():
     import timm
     encoder = timm.create_model("resnet18", pretrained=False, num_classes=0)
-    model = build_detector(encoder, 5, [0.5] * 3, [0.25] * 3, load_detect_recipe(CPU_RECIPE, ["blocks=null"])).eval()
+    model = build_detector(encoder, None, 5, [0.5] * 3, [0.25] * 3, load_detect_recipe(CPU_RECIPE, ["blocks=null"])).eval()
     stages, fed = {}, {}
     for k, name in enumerate(["layer1", "layer2", "layer3", "layer4"]):
         getattr(encoder, name).register_forward_hook(lambda m, a, out, k=k: stages.__setitem__(k, out))
@@ -117,6 +117,21 @@ def test_a_resnet_feeds_the_fpn_its_four_stages():
         model.backbone(torch.randn(1, 3, 128, 128))
     assert [fed[k].shape[-1] for k in range(4)] == [32, 16, 8, 4]
     assert all(torch.equal(fed[k], stages[k]) for k in range(4))
+
+
+def test_a_relative_position_encoder_gets_every_input_padded_to_its_one_size():
+    subject = probe_subject(None, str(REPO / "configs/simmim_vit-mini_fmnist-tiny.yaml"), None, True, False,
+                            ["model.position=shared_relative"], in_chans=1)
+    cfg = load_detect_recipe(CPU_RECIPE)
+    encoder, fixed = detection_encoder(subject.timm_spec, subject.model.state_dict(), cfg)
+    assert subject.timm_spec[0].startswith("beit") and fixed == (64, 64)
+    model = build_detector(encoder, fixed, 10, [0.5], [0.25], cfg).eval()
+    seen, fed = [], {}
+    encoder.patch_embed.register_forward_pre_hook(lambda m, a: seen.append(tuple(a[0].shape[-2:])))
+    model.backbone.fpn.inner_blocks[2].register_forward_pre_hook(lambda m, a: fed.__setitem__(2, a[0]))
+    with torch.no_grad():
+        model([torch.rand(1, 48, 56)])                 # resized to 55x64 (long side 64), padded to 56x64 by torchvision
+    assert seen == [(64, 64)] and tuple(fed[2].shape[-2:]) == (14, 16)      # padded to 64x64, maps cut to 56x64 / 4
 
 
 def test_layer_decay_reaches_the_encoder_blocks_with_the_recipe_factors():

@@ -54,6 +54,26 @@ def severities(text: str) -> str:
     return text
 
 
+def _add_dense_args(p, data_help: str, recipe_example: str, out_default: str) -> None:
+    """The options `eval segment` and `eval detect` share: the encoder (as for the probes), data, recipe, run folder."""
+    p.add_argument("--ckpt", help="RUN/last.pt or an export (.safetensors)")
+    p.add_argument("--config", help="recipe YAML of the encoder (with --init or --random-init)")
+    p.add_argument("--init", help="weights file to transfer (with --config)")
+    p.add_argument("--random-init", action="store_true", help="same architecture, untrained weights")
+    p.add_argument("--data", required=True, help=data_help)
+    p.add_argument("--recipe", required=True, help=f"protocol, e.g. {recipe_example}")
+    p.add_argument("--set", dest="recipe_overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="recipe override")
+    p.add_argument("--out", default=out_default, help="run folder: last.pt, metrics.jsonl, tb/, the picture")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    p.add_argument("--val-limit", type=at_least(1), default=None, help="score the first N validation images")
+    p.add_argument("--normalise", choices=["checkpoint", "data"], default="checkpoint",
+                   help="mean/std for the images: the encoder's pre-training data's (default) or --data's own")
+    p.add_argument("--device", default=None)
+    p.add_argument("--seed", type=at_least(0), default=0, help="the random init's seed")
+    p.add_argument("overrides", nargs="*", help="key=value config overrides (with --config)")
+
+
 def _add_probe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ckpt", help="RUN/last.pt or an export (FILE.safetensors)")
     p.add_argument("--config", help="recipe, with --init or --random-init")
@@ -116,24 +136,11 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--recipe", default=None, help="fine-tuning recipe, e.g. configs/finetune/vit-b16_cim.yaml")
     ft.add_argument("--set", dest="ft_overrides", action="append", default=[], help="recipe override key=value")
     seg = evsub.add_parser("segment", help="semantic segmentation transfer: UperNet / linear / FCN head, mIoU")
-    seg.add_argument("--ckpt", help="RUN/last.pt or an export (.safetensors)")
-    seg.add_argument("--config", help="recipe YAML of the encoder (with --init or --random-init)")
-    seg.add_argument("--init", help="weights file to transfer (with --config)")
-    seg.add_argument("--random-init", action="store_true", help="same architecture, untrained weights")
-    seg.add_argument("--data", required=True, help="seg:DIR: ADE20K's layout or the generic one (classes.json)")
-    seg.add_argument("--recipe", required=True, help="protocol, e.g. configs/segment/upernet_vit-b16_ade20k-160k.yaml")
-    seg.add_argument("--set", dest="seg_overrides", action="append", default=[], help="recipe override key=value")
+    _add_dense_args(seg, "seg:DIR: ADE20K's layout or the generic one (classes.json)",
+                    "configs/segment/upernet_vit-b16_ade20k-160k.yaml", "runs/segment")
     seg.add_argument("--head", choices=["upernet", "linear", "fcn"], help="the recipe's head unless given")
     seg.add_argument("--frozen", action="store_true", help="train the head only (with --head linear: the probe)")
     seg.add_argument("--steps", type=at_least(1), default=None, help="the recipe's iterations unless given")
-    seg.add_argument("--out", default="runs/segment", help="run folder: last.pt, metrics.jsonl, tb/, the picture")
-    seg.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
-    seg.add_argument("--val-limit", type=at_least(1), default=None, help="score the first N validation images")
-    seg.add_argument("--normalise", choices=["checkpoint", "data"], default="checkpoint",
-                     help="mean/std for the images: the encoder's pre-training data's (default) or --data's own")
-    seg.add_argument("--device", default=None)
-    seg.add_argument("--seed", type=at_least(0), default=0, help="the random init's seed")
-    seg.add_argument("overrides", nargs="*", help="key=value config overrides (with --config)")
     rec = evsub.add_parser("recon", help="L1, PSNR, SSIM, MS-SSIM (and FID/IS) of a run's reconstructions")
     rec.add_argument("--ckpt", required=True, help="RUN/last.pt (the whole method, not an export)")
     rec.add_argument("--data", default="fashion-mnist")
@@ -151,22 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
     rob.add_argument("--test-limit", type=at_least(1), default=None)
     rob.add_argument("--device", default=None)
     det = evsub.add_parser("detect", help="object detection and instance segmentation transfer: Mask R-CNN, COCO AP")
-    det.add_argument("--ckpt", help="RUN/last.pt or an export (.safetensors)")
-    det.add_argument("--config", help="recipe YAML of the encoder (with --init or --random-init)")
-    det.add_argument("--init", help="weights file to transfer (with --config)")
-    det.add_argument("--random-init", action="store_true", help="same architecture, untrained weights")
-    det.add_argument("--data", required=True, help="coco:DIR: COCO's release layout or any COCO-format folder")
-    det.add_argument("--recipe", required=True, help="protocol, e.g. configs/detect/maskrcnn_vit-b16_coco-1x.yaml")
-    det.add_argument("--set", dest="det_overrides", action="append", default=[], help="recipe override key=value")
+    _add_dense_args(det, "coco:DIR: COCO's release layout or any COCO-format folder",
+                    "configs/detect/maskrcnn_vit-b16_coco-1x.yaml", "runs/detect")
     det.add_argument("--steps", type=at_least(1), default=None, help="iterations (default: the recipe's epochs)")
-    det.add_argument("--out", default="runs/detect", help="run folder: last.pt, metrics.jsonl, tb/, the picture")
-    det.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
-    det.add_argument("--val-limit", type=at_least(1), default=None, help="score the first N validation images")
-    det.add_argument("--normalise", choices=["checkpoint", "data"], default="checkpoint",
-                     help="mean/std for the images: the encoder's pre-training data's (default) or --data's own")
-    det.add_argument("--device", default=None)
-    det.add_argument("--seed", type=at_least(0), default=0, help="the random init's seed")
-    det.add_argument("overrides", nargs="*", help="key=value config overrides (with --config)")
     rep = evsub.add_parser("report", help="several runs x several protocols -> OUT/report.md + PNGs")
     rep.add_argument("runs", nargs="+", help="RUN dirs or checkpoints; 'random:RUN' = that architecture untrained")
     rep.add_argument("--out", help="report folder (default: FIRST_RUN/report)")
@@ -248,22 +242,17 @@ def build_parser() -> argparse.ArgumentParser:
     pk.add_argument("--out", required=True, help="an empty folder for the shards")
     pk.add_argument("--shard-size", default="1GB", help="largest shard, e.g. 512MB, 1GB (default)")
     pk.add_argument("--channels", type=at_least(1), default=None, help="convert every image to this many channels")
-    ms = dsub.add_parser("make-segmentation", help="a segmentation benchmark: Fashion-MNIST items on canvases, "
-                         "with per-pixel labels (seg:DIR)")
-    ms.add_argument("--out", required=True, help="a new folder")
-    ms.add_argument("--data", default="fashion-mnist", help="the IDX set whose items are composed")
-    ms.add_argument("--canvas", type=at_least(28), default=64, help="canvas side in pixels")
-    ms.add_argument("--train-count", type=at_least(1), default=2000, help="training canvases (train items)")
-    ms.add_argument("--val-count", type=at_least(1), default=500, help="validation canvases (test items)")
-    ms.add_argument("--seed", type=at_least(0), default=0)
-    md = dsub.add_parser("make-detection", help="a detection benchmark: the same canvases with a box and a mask per "
-                         "garment, as COCO-format JSON (coco:DIR)")
-    md.add_argument("--out", required=True, help="a new folder")
-    md.add_argument("--data", default="fashion-mnist", help="the IDX set whose items are composed")
-    md.add_argument("--canvas", type=at_least(28), default=64, help="canvas side in pixels")
-    md.add_argument("--train-count", type=at_least(1), default=2000, help="training canvases (train items)")
-    md.add_argument("--val-count", type=at_least(1), default=500, help="validation canvases (test items)")
-    md.add_argument("--seed", type=at_least(0), default=0)
+    for name, what in (("make-segmentation", "a segmentation benchmark: Fashion-MNIST items on canvases, with "
+                                              "per-pixel labels (seg:DIR)"),
+                       ("make-detection", "a detection benchmark: the same canvases with a box and a mask per garment, "
+                                          "as COCO-format JSON (coco:DIR)")):
+        mk = dsub.add_parser(name, help=what)
+        mk.add_argument("--out", required=True, help="a new folder")
+        mk.add_argument("--data", default="fashion-mnist", help="the IDX set whose items are composed")
+        mk.add_argument("--canvas", type=at_least(28), default=64, help="canvas side in pixels")
+        mk.add_argument("--train-count", type=at_least(1), default=2000, help="training canvases (train items)")
+        mk.add_argument("--val-count", type=at_least(1), default=500, help="validation canvases (test items)")
+        mk.add_argument("--seed", type=at_least(0), default=0)
 
     p = sub.add_parser("bench", help="a recipe's cost here: parameters per part, FLOPs per image, images/s, memory")
     p.add_argument("--config", required=True, action="append", help="recipe YAML (repeat for several)")
@@ -428,43 +417,40 @@ def run_finetune(args, subject, train_part, test_part, size, mean, std, device) 
             "n_test": len(test_part), "wall_s": result["wall_s"]}
 
 
-def run_segment(args) -> dict:
-    """`eval segment`: the encoder named as for the probes, fine-tuned with the recipe's head on seg:DIR."""
-    from mimkit.data.segmentation import segmentation_split
+def dense_subject(args, channels: int):
+    """The encoder `eval segment` / `eval detect` transfer, named as for the probes, and the mean and std their images
+    are normalised with (None: the data's own)."""
     from mimkit.eval.encoders import probe_subject
-    from mimkit.eval.segment import load_segment_recipe, segment_transfer
-    channels = segmentation_split(args.data, "train").channels
     subject = probe_subject(args.ckpt, args.config, args.init, args.random_init, False, args.overrides,
                             in_chans=channels, seed=args.seed)
     if subject.timm_spec is None:
-        raise ValueError("eval segment needs an encoder: --ckpt RUN/last.pt or EXPORT, or --config with --init or "
-                         "--random-init")
-    flags = {"head": args.head, "frozen": "true" if args.frozen else None, "steps": args.steps}
-    cfg = load_segment_recipe(args.recipe, list(args.seg_overrides) + [f"{k}={v}" for k, v in flags.items() if v])
+        raise ValueError(f"eval {args.protocol} needs an encoder: --ckpt RUN/last.pt or EXPORT, or --config with "
+                         f"--init or --random-init")
     use_data = args.normalise == "data" or subject.mean is None
+    return subject, (None, None) if use_data else (subject.mean, subject.std)
+
+
+def run_segment(args) -> dict:
+    """`eval segment`: the encoder fine-tuned with the recipe's head on seg:DIR."""
+    from mimkit.data.segmentation import segmentation_split
+    from mimkit.eval.segment import load_segment_recipe, segment_transfer
+    subject, (mean, std) = dense_subject(args, segmentation_split(args.data, "train").channels)
+    flags = {"head": args.head, "frozen": "true" if args.frozen else None, "steps": args.steps}
+    cfg = load_segment_recipe(args.recipe, list(args.recipe_overrides) + [f"{k}={v}" for k, v in flags.items() if v])
     result = segment_transfer(subject.timm_spec, subject.model.state_dict(), subject.description, args.data, cfg,
-                              args.out, None if use_data else subject.mean, None if use_data else subject.std,
-                              default_device(args.device), args.resume, args.val_limit,
+                              args.out, mean, std, default_device(args.device), args.resume, args.val_limit,
                               log=lambda line: print(line, flush=True))
     return {**result, "recipe": args.recipe}
 
 
 def run_detect(args) -> dict:
-    """`eval detect`: the encoder named as for the probes, fine-tuned inside a Mask R-CNN on coco:DIR."""
+    """`eval detect`: the encoder fine-tuned inside a Mask R-CNN on coco:DIR."""
     from mimkit.data.detection import detection_split
     from mimkit.eval.detect import detect_transfer, load_detect_recipe
-    from mimkit.eval.encoders import probe_subject
-    channels = detection_split(args.data, "train").channels
-    subject = probe_subject(args.ckpt, args.config, args.init, args.random_init, False, args.overrides,
-                            in_chans=channels, seed=args.seed)
-    if subject.timm_spec is None:
-        raise ValueError("eval detect needs an encoder: --ckpt RUN/last.pt or EXPORT, or --config with --init or "
-                         "--random-init")
-    cfg = load_detect_recipe(args.recipe, list(args.det_overrides) + ([f"steps={args.steps}"] if args.steps else []))
-    use_data = args.normalise == "data" or subject.mean is None
+    subject, (mean, std) = dense_subject(args, detection_split(args.data, "train").channels)
+    cfg = load_detect_recipe(args.recipe, list(args.recipe_overrides) + ([f"steps={args.steps}"] if args.steps else []))
     result = detect_transfer(subject.timm_spec, subject.model.state_dict(), subject.description, args.data, cfg,
-                             args.out, None if use_data else subject.mean, None if use_data else subject.std,
-                             default_device(args.device), args.resume, args.val_limit,
+                             args.out, mean, std, default_device(args.device), args.resume, args.val_limit,
                              log=lambda line: print(line, flush=True))
     return {**result, "recipe": args.recipe}
 

@@ -119,3 +119,17 @@ def resume_run(out: Path, kind: str, config: dict, model: nn.Module, opt: torch.
 def save_run(out: Path, kind: str, config: dict, step: int, model: nn.Module, opt: torch.optim.Optimizer) -> None:
     save_atomic({"kind": kind, "step": step, "model": model.state_dict(), "optimizer": opt.state_dict(),
                  "rng": torch.get_rng_state(), "config": config}, out / "last.pt")
+
+
+def save_titled(fig, path: str | Path, title: str) -> Path:
+    """A grid of example pictures saved as a PNG: axes bare, the title above."""
+    import matplotlib.pyplot as plt
+    for ax in fig.axes:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

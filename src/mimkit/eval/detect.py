@@ -45,7 +45,7 @@ from tqdm import tqdm
 from mimkit.data import to_unit_float
 from mimkit.engine.logging import MetricsLog
 from mimkit.eval.dense import (Seeded, dense_encoder, head_groups, layer_decay_groups, resume_run, save_run,
-                               seeded_batches)
+                               save_titled, seeded_batches)
 from mimkit.eval.pyramid import ResNetPyramid, ViTPyramid, default_blocks, is_vit, simple_blocks
 
 RECIPES = Path(__file__).resolve().parents[3] / "configs" / "detect"
@@ -156,8 +156,16 @@ class PyramidFPN(nn.Module):
         return self.fpn(OrderedDict((str(i), m) for i, m in enumerate(maps)))
 
 
-def build_detector(encoder: nn.Module, num_classes: int, mean, std, cfg: DetectConfig,
-                   fixed_size: tuple[int, int] | None = None) -> nn.Module:
+def detection_encoder(timm_spec: tuple[str, dict], state: dict, cfg: DetectConfig):
+    """(encoder, the one input size it takes or None): a Beit (relative position tables) is built for the largest
+    input the resize gives, max_size square rounded up to 32 px, and gets every input padded to it."""
+    name, kwargs = timm_spec
+    fixed = (-(-cfg.max_size // 32) * 32,) * 2 if name.startswith("beit") else None
+    return dense_encoder(name, kwargs, state, cfg.drop_path, img_size=fixed), fixed
+
+
+def build_detector(encoder: nn.Module, fixed_size: tuple[int, int] | None, num_classes: int, mean, std,
+                   cfg: DetectConfig) -> nn.Module:
     """torchvision's MaskRCNN (`num_classes` + background) over the encoder's pyramid and an FPN."""
     from torchvision.models.detection import MaskRCNN
     from torchvision.models.detection.anchor_utils import AnchorGenerator
@@ -442,15 +450,7 @@ def draw_detections(model: nn.Module, dataset, path: str | Path, title: str, cou
                 ax.text(box[0], box[1] - 1, text, color=colour, fontsize=6, va="bottom")
     axes[0, 0].set_ylabel("ground truth")
     axes[1, 0].set_ylabel(f"predicted (score >= {min_score})")
-    for ax in axes.flat:
-        ax.set_xticks([])
-        ax.set_yticks([])
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_titled(fig, path, title)
 
 
 def detect_transfer(timm_spec: tuple[str, dict], state: dict, description: str, data: str, cfg: DetectConfig,
@@ -468,12 +468,7 @@ def detect_transfer(timm_spec: tuple[str, dict], state: dict, description: str, 
         raise ValueError(f"the encoder takes {kwargs.get('in_chans', 3)}-channel images but {data} holds "
                          f"{train_set.channels}-channel ones; detect on data of the encoder's channel count")
     mean, std = (mean, std) if mean is not None else (train_set.mean, train_set.std)
-    fixed = None
-    if name.startswith("beit"):            # relative position tables: one input size, the largest the resize gives
-        side = -(-cfg.max_size // 32) * 32
-        fixed = (side, side)
-    encoder = dense_encoder(name, kwargs, state, cfg.drop_path, img_size=fixed)
-    model = build_detector(encoder, train_set.num_classes, mean, std, cfg, fixed)
+    model = build_detector(*detection_encoder(timm_spec, state, cfg), train_set.num_classes, mean, std, cfg)
     params = count_parameters(model)
     total = total_steps(cfg, len(train_set))
     log(f"eval detect: Mask R-CNN ({cfg.pyramid} pyramid, {cfg.box_head} box head; {params['detector']:,} parameters) "

@@ -40,7 +40,7 @@ from tqdm import tqdm
 from mimkit.data import to_unit_float
 from mimkit.engine.logging import MetricsLog
 from mimkit.eval.dense import (Seeded, dense_encoder, head_groups, layer_decay_groups, resume_run, save_run,
-                               seeded_batches)
+                               save_titled, seeded_batches)
 from mimkit.eval.pyramid import build_pyramid, is_vit
 
 RECIPES = Path(__file__).resolve().parents[3] / "configs" / "segment"
@@ -407,15 +407,7 @@ def draw_examples(model: Segmenter, dataset, mean, std, cfg: SegmentConfig, path
                                 interpolation="nearest")
     for row, name in enumerate(("image", "label", "prediction")):
         axes[row, 0].set_ylabel(name)
-    for ax in axes.flat:
-        ax.set_xticks([])
-        ax.set_yticks([])
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_titled(fig, path, title)
 
 
 def segment_transfer(timm_spec: tuple[str, dict], state: dict, description: str, data: str, cfg: SegmentConfig,
