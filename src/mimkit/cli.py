@@ -259,7 +259,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=at_least(1), default=None, help="images per step (default: the recipe's data.batch_size)")
     p.add_argument("--steps", type=at_least(1), default=10, help="timed steps per mode")
     p.add_argument("--warmup", type=at_least(0), default=3, help="untimed steps first (compilation happens here)")
-    p.add_argument("--modes", default="eager,compiled", help="eager, compiled or both")
+    p.add_argument("--modes", default="eager,compiled", help="eager, compiled, checkpointed (eager with activation "
+                   "checkpointing), comma-separated; none: the estimates only")
+    p.add_argument("--world", type=at_least(1), default=8, help="ranks the fsdp memory estimate shards over")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("overrides", nargs="*", help="key=value config overrides")
 
@@ -642,14 +644,15 @@ def _run(args) -> int:
     elif args.command == "bench":
         from mimkit.config import load_config
         from mimkit.engine.cost import format_table, measure
-        modes = tuple(m.strip() for m in args.modes.split(","))
-        if not set(modes) <= {"eager", "compiled"} or args.steps < 1 or args.warmup < 0:
-            raise ValueError(f"--modes must list eager and/or compiled (got {args.modes!r}), --steps at least 1 "
+        modes = () if args.modes == "none" else tuple(m.strip() for m in args.modes.split(","))
+        if not set(modes) <= {"eager", "compiled", "checkpointed"} or args.steps < 1 or args.warmup < 0:
+            raise ValueError(f"--modes must list eager, compiled or checkpointed (got {args.modes!r}), --steps at least 1 "
                              f"and --warmup 0 or more")
         for config in args.config:
             cfg = load_config(config, list(args.overrides))
             batch = args.batch or cfg.data.batch_size
-            print(format_table(config, batch, measure(cfg, batch, args.steps, args.warmup, modes, args.device)),
+            print(format_table(config, batch, measure(cfg, batch, args.steps, args.warmup, modes, args.device,
+                                                      world=args.world)),
                   end="\n\n", flush=True)
     elif args.command == "demo":
         from mimkit.demo import run_demo

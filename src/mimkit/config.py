@@ -92,6 +92,8 @@ class TrainConfig:
     accum_steps: int = 1
     precision: str = "auto"                 # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
     compile: bool = False
+    activation_checkpointing: int | bool = False   # true: recompute every block's activations in the backward;
+                                                   # N: the first N blocks of each stack (engine/activations.py)
     seed: int = 0
     log_every: int = 10
     ckpt_every: int = 500                   # RUN/last.pt
@@ -350,6 +352,8 @@ def validate_values(cfg: Config) -> None:
     _check(t.keep_every >= 0, "train.keep_every", t.keep_every, "0 (none: last.pt only) or more")
     _check(t.sample_every >= 0, "train.sample_every", t.sample_every, "0 (never) or more")
     _check(t.nan_patience >= 1, "train.nan_patience", t.nan_patience, "at least 1")
+    _check(isinstance(t.activation_checkpointing, bool) or t.activation_checkpointing >= 1,
+           "train.activation_checkpointing", t.activation_checkpointing, "true, false or a number of blocks (1 or more)")
     probes = [p.strip() for p in (t.online_probe or "").split(",") if p.strip()]
     _check(all(p in ("knn", "linear") for p in probes) and len(set(probes)) == len(probes), "train.online_probe",
            t.online_probe, "knn, linear, knn,linear or null (off)")

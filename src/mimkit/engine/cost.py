@@ -52,10 +52,11 @@ def peak_flops(device: torch.device) -> float | None:
     return next((peak for key, peak in DEVICE_PEAK_BF16.items() if key in name), None)
 
 
-def _trainer(cfg: Config, out: str, batch: int, compile_model: bool, device: str | None):
+def _trainer(cfg: Config, out: str, batch: int, compile_model: bool, device: str | None, checkpointed: bool = False):
     from mimkit.engine.trainer import Trainer
     cfg = copy.deepcopy(cfg)
     cfg.data.batch_size, cfg.train.accum_steps, cfg.train.compile = batch, 1, compile_model
+    cfg.train.activation_checkpointing = checkpointed or cfg.train.activation_checkpointing
     cfg.train.sample_every, cfg.data.num_workers, cfg.train.online_probe = 0, 0, None
     c = cfg.data.channels or 3
     cfg.data.spec = f"synthetic:{c}x{cfg.model.img_size[0]}x{cfg.model.img_size[1]}"
@@ -92,10 +93,59 @@ def flops_per_image(cfg: Config, in_chans: int, batch: int = 2, step: int | None
     return flops
 
 
+def saved_activation_bytes(cfg: Config, in_chans: int, batch: int = 2, checkpointed: bool = False,
+                           method=None) -> float:
+    """Bytes per image the autograd graph keeps for the backward (fp32), the largest over the method's stages at its
+    first step, counted with saved-tensor hooks on the CPU; `checkpointed`: with every block stack wrapped
+    (engine/activations.py). Under bf16 autocast most of them are half as large."""
+    from mimkit.engine.activations import checkpoint_blocks
+    from mimkit.methods import build_method
+    method = copy.deepcopy(method) if method is not None else build_method(cfg, in_chans)
+    if checkpointed:
+        checkpoint_blocks(method, True)
+    method.set_pixel_stats(torch.zeros(1, in_chans, 1, 1), torch.ones(1, in_chans, 1, 1))
+    images = torch.randn(batch, in_chans, *cfg.model.img_size)
+    carry = {"step": 0, "epoch": 0, "total_steps": 10 ** 7, "last_micro": True}
+    weights = {t.untyped_storage().data_ptr() for t in [*method.parameters(), *method.buffers()]}
+    largest = 0
+    for stage in method.schedule(0, 0, 10 ** 7):
+        kept = {}             # by storage: a tensor saved by several operations, or its views, is held once
+
+        def keep(t):
+            storage = t.untyped_storage()
+            if storage.data_ptr() not in weights:      # weights saved for the backward are the parameters
+                kept[storage.data_ptr()] = storage.nbytes()
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+            method(images, stage.name, carry)
+        largest = max(largest, sum(kept.values()))
+    return largest / batch
+
+
+def memory_estimate(cfg: Config, method, in_chans: int, batch: int, world: int) -> list[dict]:
+    """Per-rank memory (GiB) of parameters, gradients, AdamW state and activations, under ddp (every rank holds all)
+    and fsdp over `world` ranks (trained parameters, their gradients and optimiser state sharded; frozen parts
+    whole), each without and with activation checkpointing. fp32 parameters and state; activations in fp32 at
+    `batch` images per rank; FSDP's gathered block and communication buffers are not counted."""
+    trained = sum(p.numel() for p in method.parameters() if p.requires_grad)
+    frozen = sum(p.numel() for p in method.parameters() if not p.requires_grad)
+    activations = {ac: batch * saved_activation_bytes(cfg, in_chans, method=method, checkpointed=ac)
+                   for ac in (False, True)}
+    rows = []
+    for parallel, share in (("ddp", 1), (f"fsdp x{world}", world)):
+        for ac in (False, True):
+            parts = {"parameters": 4 * (trained / share + frozen), "gradients": 4 * trained / share,
+                     "optimizer": 8 * trained / share, "activations": activations[ac]}
+            rows.append({"parallel": parallel, "checkpointing": ac, **{k: v / 2 ** 30 for k, v in parts.items()},
+                         "total": sum(parts.values()) / 2 ** 30})
+    return rows
+
+
 def measure(cfg: Config, batch: int, steps: int = 10, warmup: int = 3, modes=("eager", "compiled"),
-            device: str | None = None, flop_batch: int = 2) -> dict:
-    """{'parts': parameter rows, 'flops_per_image', 'device', 'peak', 'modes': [{mode, img_per_s, step_ms, peak_gib,
-    warmup_s, tflops, share_of_peak}]}."""
+            device: str | None = None, flop_batch: int = 2, world: int = 8) -> dict:
+    """{'parts': parameter rows, 'flops_per_image', 'device', 'peak', 'memory': `memory_estimate` rows, 'modes':
+    [{mode, img_per_s, step_ms, peak_gib, warmup_s, tflops, share_of_peak}]}. Modes: eager, compiled, checkpointed
+    (eager with activation checkpointing)."""
     from mimkit.engine.dist import default_device
     from mimkit.methods import build_method
     in_chans = cfg.data.channels or 3          # as the synthetic data the timed steps run on
@@ -103,11 +153,12 @@ def measure(cfg: Config, batch: int, steps: int = 10, warmup: int = 3, modes=("e
     dev = torch.device(default_device(device))
     result: dict = {"modes": [], "parts": parameter_table(method),
                     "flops_per_image": flops_per_image(cfg, in_chans, flop_batch, method=method),
-                    "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "peak": peak_flops(dev)}
+                    "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "peak": peak_flops(dev),
+                    "memory": memory_estimate(cfg, method, in_chans, batch, world), "world": world}
     h, w = cfg.model.img_size
     for mode in modes:
         with tempfile.TemporaryDirectory() as out:
-            trainer = _trainer(cfg, out, batch, mode == "compiled", device)
+            trainer = _trainer(cfg, out, batch, mode == "compiled", device, mode == "checkpointed")
             dev = trainer.device
             images = [torch.randn(batch, trainer.in_chans, h, w, device=dev)]
             step = trainer.warmup_steps
@@ -141,8 +192,15 @@ def format_table(name: str, batch: int, result: dict) -> str:
     lines += [f"| {part} | {count / 1e6:.2f}M | {'yes' if trained else 'frozen'} |"
               for part, count, trained in result["parts"]]
     lines += ["", f"training FLOPs per image (forward + backward of every stage): "
-                  f"{result['flops_per_image'] / 1e9:.2f} GFLOP", "",
-              "| mode | images/s | step (ms) | achieved TFLOP/s | share of peak | peak memory (GiB) | warm-up (s) |",
+                  f"{result['flops_per_image'] / 1e9:.2f} GFLOP"]
+    lines += ["", f"estimated memory per rank (GiB; fp32 weights and AdamW state, fp32 activations at batch {batch} "
+                  f"per rank; fsdp over {result['world']} ranks):", "",
+              "| parallel | activation checkpointing | parameters | gradients | optimizer | activations | total |",
+              "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['parallel']} | {'yes' if r['checkpointing'] else 'no'} | {r['parameters']:.2f} | "
+              f"{r['gradients']:.2f} | {r['optimizer']:.2f} | {r['activations']:.2f} | {r['total']:.2f} |"
+              for r in result["memory"]]
+    lines += ["", "| mode | images/s | step (ms) | achieved TFLOP/s | share of peak | peak memory (GiB) | warm-up (s) |",
               "|---|---|---|---|---|---|---|"]
     for m in result["modes"]:
         share = f"{100 * m['share_of_peak']:.1f} %" if m["share_of_peak"] is not None else "n/a (peak unknown)"

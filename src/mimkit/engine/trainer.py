@@ -27,6 +27,7 @@ from mimkit.data.batched import (BatchedCrops, EncodedCrops, decode_on_device, e
                                  resized_crops)
 from mimkit.data.shards import ShardStream
 from mimkit.engine import dist as D
+from mimkit.engine.activations import checkpoint_blocks
 from mimkit.engine.checkpoint import (CheckpointError, find_resume_checkpoint, frozen_sources, is_run_checkpoint,
                                       load_checkpoint, save_atomic, state_dict_of, verify_frozen_sources)
 from mimkit.engine.logging import MetricsLog, read_metrics, save_loss_curves, save_rows_grid
@@ -162,6 +163,9 @@ class Trainer:
         cuda = self.device.type == "cuda"
         bf16 = t.precision == "bf16" or (t.precision == "auto" and cuda)
         self.autocast = (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16)) if bf16 else nullcontext
+        if t.activation_checkpointing:
+            wrapped = checkpoint_blocks(self.method, t.activation_checkpointing)
+            self._print(f"activation checkpointing: {wrapped} blocks recompute their activations in the backward")
         self.forward = torch.compile(self.method) if t.compile else self.method
 
         # guard and counters live on the device: read only when logging
