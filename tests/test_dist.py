@@ -50,3 +50,13 @@ def test_torchrun_two_processes_on_cpu(tmp_path, fmnist_small):
     resumed = subprocess.run(base + ["--steps", "5", "--resume"], capture_output=True, text=True, env=env, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert load_checkpoint(run / "last.pt")["step"] == 5
+
+
+def test_the_slurm_and_gpu_scripts_parse_and_the_slurm_job_resumes_and_requeues():
+    for script in ("scripts/slurm.sbatch", "benchmarks/gpu_suite.sh"):
+        assert subprocess.run(["bash", "-n", str(REPO / script)]).returncode == 0, script
+    text = (REPO / "scripts/slurm.sbatch").read_text()
+    assert "#SBATCH --requeue" in text and "scontrol requeue" in text and "trap requeue USR1" in text
+    launch = text[text.index("srun"):]
+    assert "--rdzv-backend=c10d" in launch and "--max-restarts" in launch and "pretrain" in launch
+    assert "--resume" in launch
