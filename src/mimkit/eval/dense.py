@@ -15,6 +15,12 @@ from mimkit.engine.checkpoint import CheckpointError, load_checkpoint, save_atom
 from mimkit.eval.pyramid import is_vit
 
 
+def require(what: str, cfg, ok: bool, key: str, rule: str) -> None:
+    """A recipe value checked when the recipe is read: one sentence naming the key, its value and the rule."""
+    if not ok:
+        raise ValueError(f"{what}: {key}={getattr(cfg, key)!r} is out of range: it must be {rule}")
+
+
 def dense_encoder(timm_name: str, timm_kwargs: dict, state: dict, drop_path: float, output_stride: int | None = None,
                   img_size=None) -> nn.Module:
     """The pre-trained encoder rebuilt for dense inputs of any size: a ViT interpolates its position table on the

@@ -34,6 +34,7 @@ import sys
 import time
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -44,8 +45,8 @@ from tqdm import tqdm
 
 from mimkit.data import to_unit_float
 from mimkit.engine.logging import MetricsLog
-from mimkit.eval.dense import (Seeded, dense_encoder, head_groups, layer_decay_groups, resume_run, save_run,
-                               save_titled, seeded_batches)
+from mimkit.eval.dense import (Seeded, dense_encoder, head_groups, layer_decay_groups, require, resume_run,
+                               save_run, save_titled, seeded_batches)
 from mimkit.eval.pyramid import ResNetPyramid, ViTPyramid, default_blocks, is_vit, simple_blocks
 
 RECIPES = Path(__file__).resolve().parents[3] / "configs" / "detect"
@@ -97,9 +98,7 @@ class DetectConfig:
     seed: int = 0
 
     def __post_init__(self):
-        def need(ok, key, rule):
-            if not ok:
-                raise ValueError(f"detect recipe: {key}={getattr(self, key)!r} is out of range: it must be {rule}")
+        need = partial(require, "detect recipe", self)
         need(self.pyramid in PYRAMIDS, "pyramid", f"one of {', '.join(PYRAMIDS)}")
         need(self.box_head in BOX_HEADS, "box_head", f"one of {', '.join(BOX_HEADS)}")
         need(self.schedule in SCHEDULES, "schedule", f"one of {', '.join(SCHEDULES)}")

@@ -30,6 +30,7 @@ from __future__ import annotations
 import sys
 import time
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -39,8 +40,8 @@ from tqdm import tqdm
 
 from mimkit.data import to_unit_float
 from mimkit.engine.logging import MetricsLog
-from mimkit.eval.dense import (Seeded, dense_encoder, head_groups, layer_decay_groups, resume_run, save_run,
-                               save_titled, seeded_batches)
+from mimkit.eval.dense import (Seeded, dense_encoder, head_groups, layer_decay_groups, require, resume_run,
+                               save_run, save_titled, seeded_batches)
 from mimkit.eval.pyramid import build_pyramid, is_vit
 
 RECIPES = Path(__file__).resolve().parents[3] / "configs" / "segment"
@@ -84,9 +85,7 @@ class SegmentConfig:
     seed: int = 0
 
     def __post_init__(self):
-        def need(ok, key, rule):
-            if not ok:
-                raise ValueError(f"segment recipe: {key}={getattr(self, key)!r} is out of range: it must be {rule}")
+        need = partial(require, "segment recipe", self)
         need(self.head in HEADS, "head", f"one of {', '.join(HEADS)}")
         need(self.optimizer in ("adamw", "sgd"), "optimizer", "adamw or sgd")
         need(self.decoder_norm in ("batchnorm", "identity"), "decoder_norm", "batchnorm or identity")
