@@ -92,6 +92,8 @@ class TrainConfig:
     accum_steps: int = 1
     precision: str = "auto"                 # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
     compile: bool = False
+    parallel: str = "ddp"                   # ddp (flat gradient all-reduce) | fsdp (FSDP2; engine/parallel.py)
+    reshard_after_forward: bool = True      # fsdp: false keeps gathered blocks from forward to backward (ZeRO-2-like)
     activation_checkpointing: int | bool = False   # true: recompute every block's activations in the backward;
                                                    # N: the first N blocks of each stack (engine/activations.py)
     seed: int = 0
@@ -270,6 +272,9 @@ def _check(ok: bool, key: str, value, rule: str) -> None:
         raise ConfigError(f"{key}={value!r} is out of range: it must be {rule}")
 
 
+FSDP_METHODS = ("mae", "simmim")   # train.parallel=fsdp is built for these (engine/parallel.py says why)
+
+
 def validate_values(cfg: Config) -> None:
     """Range checks of every value whose type alone does not make it valid; one sentence per problem."""
     m, d, o, t = cfg.model, cfg.data, cfg.optim, cfg.train
@@ -352,6 +357,15 @@ def validate_values(cfg: Config) -> None:
     _check(t.keep_every >= 0, "train.keep_every", t.keep_every, "0 (none: last.pt only) or more")
     _check(t.sample_every >= 0, "train.sample_every", t.sample_every, "0 (never) or more")
     _check(t.nan_patience >= 1, "train.nan_patience", t.nan_patience, "at least 1")
+    _check(t.parallel in ("ddp", "fsdp"), "train.parallel", t.parallel, "ddp or fsdp")
+    if t.parallel == "fsdp":
+        name = cfg.method.get("name", "mae")
+        if name not in FSDP_METHODS:
+            raise ConfigError(f"train.parallel=fsdp is built for {' and '.join(FSDP_METHODS)} so far, not {name}; "
+                              f"use train.parallel=ddp")
+        if t.online_probe:
+            raise ConfigError("train.online_probe does not run under train.parallel=fsdp yet; probe the checkpoints "
+                              "with 'mimkit eval knn' or use train.parallel=ddp")
     _check(isinstance(t.activation_checkpointing, bool) or t.activation_checkpointing >= 1,
            "train.activation_checkpointing", t.activation_checkpointing, "true, false or a number of blocks (1 or more)")
     probes = [p.strip() for p in (t.online_probe or "").split(",") if p.strip()]

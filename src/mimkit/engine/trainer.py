@@ -28,6 +28,7 @@ from mimkit.data.batched import (BatchedCrops, EncodedCrops, decode_on_device, e
 from mimkit.data.shards import ShardStream
 from mimkit.engine import dist as D
 from mimkit.engine.activations import checkpoint_blocks
+from mimkit.engine.parallel import full_state, is_sharded, load_optimizers, shard_method, whole
 from mimkit.engine.checkpoint import (CheckpointError, find_resume_checkpoint, frozen_sources, is_run_checkpoint,
                                       load_checkpoint, save_atomic, state_dict_of, verify_frozen_sources)
 from mimkit.engine.logging import MetricsLog, read_metrics, save_loss_curves, save_rows_grid
@@ -118,6 +119,13 @@ class Trainer:
                 for name, p in self.method.named_parameters():
                     p.requires_grad_(name in trainable)
         D.broadcast_module(self.method)
+        self.sharded = t.parallel == "fsdp" and self.dist.world_size > 1
+        if self.sharded:
+            if ckpt is not None:      # whole weights go in before sharding; the optimisers follow in _restore
+                self.method.load_run_state(ckpt["model"])
+            cuda_bf16 = self.device.type == "cuda" and t.precision in ("auto", "bf16")
+            blocks = shard_method(self.method, t.reshard_after_forward, cuda_bf16)
+            self._print(f"fsdp: {blocks} blocks and the rest of the method sharded over {self.dist.world_size} ranks")
         self.frozen = frozen_sources(self.method)   # hashed once: a tokenizer file can be large
         for name, source in self.frozen.items():
             if "token_grid" in source:
@@ -354,11 +362,12 @@ class Trainer:
                 tick += probe_row["probe/seconds"]                       # not training time
                 if log is not None:
                     log.write({"step": step_done, **probe_row})
-            if t.sample_every and step_done % t.sample_every == 0 and self.dist.is_main:
+            if t.sample_every and step_done % t.sample_every == 0 and (self.dist.is_main or self.sharded):
                 grid = self.save_samples(self.out / "samples" / f"step-{step_done:07d}.png", step_done)
-                if log is not None:
-                    log.image("reconstruction", grid, step_done)
-                self.save_loss_curves()
+                if self.dist.is_main:
+                    if log is not None:
+                        log.image("reconstruction", grid, step_done)
+                    self.save_loss_curves()
             if step_done % t.ckpt_every == 0 or step_done == self.total_steps:
                 self._save(step_done)
             if t.keep_every and step_done % t.keep_every == 0:
@@ -368,7 +377,7 @@ class Trainer:
                 break
         bar.close()
         finished = stop_after is None or stop_after >= self.total_steps
-        if finished and self.start_step < self.total_steps and self.dist.is_main and t.sample_every:
+        if finished and self.start_step < self.total_steps and (self.dist.is_main or self.sharded) and t.sample_every:
             self.save_samples(self.out / "samples" / "final.png", self.total_steps)
         if self.dist.is_main and self.start_step < self.total_steps and t.sample_every:   # 0: no pictures
             self.save_loss_curves()
@@ -429,15 +438,15 @@ class Trainer:
             if self.multi_stage:
                 add(f"{prefix}loss", stage_loss)
             groups = [g for g in stage.groups if g in self.optimizers]
-            for group in groups:
-                D.average_gradients(self.params[group], self.dist.world_size)
+            for group in groups:             # fsdp reduces its sharded gradients itself, in the backward
+                D.average_gradients([p for p in self.params[group] if not is_sharded(p)], self.dist.world_size)
             clip = self.cfg.optim.clip_grad or float("inf")
             if self.clip_scope == "stage":    # one norm over every parameter the stage steps (BEiT-style: CIM, CAE)
-                norm = torch.nn.utils.clip_grad_norm_([p for g in groups for p in self.params[g]], clip)
+                norm = whole(torch.nn.utils.clip_grad_norm_([p for g in groups for p in self.params[g]], clip))
                 add(f"{prefix}grad_norm", torch.nan_to_num(norm, 0.0))
                 norms = dict.fromkeys(groups, norm)
             else:
-                norms = {g: torch.nn.utils.clip_grad_norm_(self.params[g], clip) for g in groups}
+                norms = {g: whole(torch.nn.utils.clip_grad_norm_(self.params[g], clip)) for g in groups}
                 for group, norm in norms.items():
                     add(f"{prefix}grad_norm_{group}", torch.nan_to_num(norm, 0.0))
             for group in groups:
@@ -495,9 +504,15 @@ class Trainer:
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):  # sampling must not shift the training RNG
             torch.manual_seed(0)
+            if self.sharded:             # the root's own weights, gathered outside its forward (blocks gather their own)
+                self.method.unshard()
             with self.autocast():
                 rows = self.method.reconstruction_rows(self.sample_images)
+            if self.sharded:
+                self.method.reshard()
         self.method.train(was_training)
+        if not self.dist.is_main:       # under fsdp every rank computes the rows (its shards are needed), one writes
+            return None
         return save_rows_grid(rows, self.mean, self.std, path,
                               title=f"{self.picture_title}, step {step}")
 
@@ -519,15 +534,21 @@ class Trainer:
 
     def _save(self, step: int, path: Path | None = None) -> None:
         rng = D.gather_objects(self._rng_state())  # every rank's RNG, so a resumed world reproduces the run
+        if self.sharded:                           # gathered whole on every rank (collectives), written by rank 0
+            model, optimizers = full_state(self.method, self.optimizers)
+            kept = self.method.trainable_state_dict().keys()
+            model = {k: v for k, v in model.items() if k in kept}
         if not self.dist.is_main:
             return
+        if not self.sharded:
+            model, optimizers = self.method.trainable_state_dict(), {g: o.state_dict() for g, o in self.optimizers.items()}
         payload = {
             "format": "mimkit-run", "version": mimkit.__version__, "step": step, "config": self.cfg.to_dict(),
             "in_chans": self.in_chans, "data_stats": {"mean": self.mean.flatten().tolist(),
                                                       "std": self.std.flatten().tolist()},
-            "model": self.method.trainable_state_dict(), "frozen": self.frozen,
+            "model": model, "frozen": self.frozen, "parallel": "fsdp" if self.sharded else "ddp",
             "trainable": [n for n, p in self.method.named_parameters() if p.requires_grad],
-            "optimizers": {g: opt.state_dict() for g, opt in self.optimizers.items()},
+            "optimizers": optimizers,
             "rng": rng, "world_size": self.dist.world_size,
             "counters": {"nonfinite_total": float(self.nonfinite_total), "skipped_images": self.skipped_images,
                          "train_seconds": self.train_seconds},
@@ -535,9 +556,17 @@ class Trainer:
         save_atomic(payload, path or self.out / "last.pt")
 
     def _restore(self, ckpt: dict, path: Path) -> None:
-        self.method.load_run_state(ckpt["model"])
-        for g, opt in self.optimizers.items():
-            opt.load_state_dict(ckpt["optimizers"][g])
+        written = ckpt.get("parallel", "ddp")
+        if written != ("fsdp" if self.sharded else "ddp"):
+            raise CheckpointError(f"{path} was written with train.parallel={written} (optimiser state stored "
+                                  f"{'by parameter name' if written == 'fsdp' else 'by position'}); resume it with "
+                                  f"train.parallel={written} and as many ranks as needed")
+        if self.sharded:
+            load_optimizers(self.method, self.optimizers, ckpt["optimizers"])   # the weights went in before sharding
+        else:
+            self.method.load_run_state(ckpt["model"])
+            for g, opt in self.optimizers.items():
+                opt.load_state_dict(ckpt["optimizers"][g])
         self.start_step = int(ckpt["step"])
         rng = ckpt["rng"]
         mine = rng[self.dist.rank] if len(rng) == self.dist.world_size else rng[0]
