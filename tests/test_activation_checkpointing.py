@@ -85,3 +85,14 @@ def test_the_memory_estimate_counts_states_by_hand_and_activations_with_and_with
     assert fsdp["gradients"] == pytest.approx(ddp["gradients"] / 4) and fsdp["activations"] == ddp["activations"]
     assert 0 < rows[("ddp", True)]["activations"] < ddp["activations"] / 2
     assert ddp["total"] == pytest.approx(sum(ddp[k] for k in ("parameters", "gradients", "optimizer", "activations")))
+
+
+def test_bench_prints_the_memory_table_and_times_checkpointed_steps(capsys):
+    recipe = str(REPO / "configs/mae_vit-mini_fmnist-tiny.yaml")
+    assert main(["bench", "--config", recipe, "--batch", "4", "--steps", "1", "--warmup", "0", "--modes",
+                 "eager,checkpointed", "--world", "2", "model.size=pico"]) == 0
+    out = capsys.readouterr().out
+    assert "| fsdp x2 | yes |" in out and "| ddp | no |" in out and "| checkpointed |" in out and "| eager |" in out
+    assert main(["bench", "--config", recipe, "--batch", "4", "--modes", "none", "model.size=pico"]) == 0
+    out = capsys.readouterr().out
+    assert "| fsdp x8 | no |" in out and "| eager |" not in out

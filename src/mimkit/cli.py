@@ -436,12 +436,13 @@ def run_segment(args) -> dict:
     """`eval segment`: the encoder fine-tuned with the recipe's head on seg:DIR."""
     from mimkit.data.segmentation import segmentation_split
     from mimkit.eval.segment import load_segment_recipe, segment_transfer
-    subject, (mean, std) = dense_subject(args, segmentation_split(args.data, "train").channels)
+    train_set = segmentation_split(args.data, "train")
+    subject, (mean, std) = dense_subject(args, train_set.channels)
     flags = {"head": args.head, "frozen": "true" if args.frozen else None, "steps": args.steps}
     cfg = load_segment_recipe(args.recipe, list(args.recipe_overrides) + [f"{k}={v}" for k, v in flags.items() if v])
     result = segment_transfer(subject.timm_spec, subject.model.state_dict(), subject.description, args.data, cfg,
                               args.out, mean, std, default_device(args.device), args.resume, args.val_limit,
-                              log=lambda line: print(line, flush=True))
+                              log=lambda line: print(line, flush=True), train_set=train_set)
     return {**result, "recipe": args.recipe}
 
 
@@ -449,11 +450,12 @@ def run_detect(args) -> dict:
     """`eval detect`: the encoder fine-tuned inside a Mask R-CNN on coco:DIR."""
     from mimkit.data.detection import detection_split
     from mimkit.eval.detect import detect_transfer, load_detect_recipe
-    subject, (mean, std) = dense_subject(args, detection_split(args.data, "train").channels)
+    train_set = detection_split(args.data, "train")
+    subject, (mean, std) = dense_subject(args, train_set.channels)
     cfg = load_detect_recipe(args.recipe, list(args.recipe_overrides) + ([f"steps={args.steps}"] if args.steps else []))
     result = detect_transfer(subject.timm_spec, subject.model.state_dict(), subject.description, args.data, cfg,
                              args.out, mean, std, default_device(args.device), args.resume, args.val_limit,
-                             log=lambda line: print(line, flush=True))
+                             log=lambda line: print(line, flush=True), train_set=train_set)
     return {**result, "recipe": args.recipe}
 
 
@@ -618,15 +620,12 @@ def _run(args) -> int:
         print(json.dumps({"safetensors": str(weights), "json": str(meta)}))
     elif args.command == "tokenizer":
         run_tokenizer_command(args)
-    elif args.command == "data" and args.data_command == "make-detection":
+    elif args.command == "data" and args.data_command in ("make-segmentation", "make-detection"):
         from mimkit.data.detection import make_detection
-        start = time.time()
-        made = make_detection(args.out, args.data, args.canvas, args.train_count, args.val_count, seed=args.seed)
-        print(json.dumps({"out": args.out, **made, "wall_s": round(time.time() - start, 1)}))
-    elif args.command == "data" and args.data_command == "make-segmentation":
         from mimkit.data.segmentation import make_segmentation
+        make = make_segmentation if args.data_command == "make-segmentation" else make_detection
         start = time.time()
-        made = make_segmentation(args.out, args.data, args.canvas, args.train_count, args.val_count, seed=args.seed)
+        made = make(args.out, args.data, args.canvas, args.train_count, args.val_count, seed=args.seed)
         print(json.dumps({"out": args.out, **made, "wall_s": round(time.time() - start, 1)}))
     elif args.command == "data":
         from mimkit.data.shards import pack_shards

@@ -24,6 +24,13 @@ def is_block(module: nn.Module) -> bool:
     return type(module).__name__.endswith(BLOCK_SUFFIXES)
 
 
+def block_stacks(model: nn.Module) -> list[nn.Module]:
+    """Every nn.ModuleList / nn.Sequential in `model` whose members are all blocks (what checkpointing wraps and
+    fsdp shards)."""
+    return [stack for stack in model.modules() if isinstance(stack, (nn.ModuleList, nn.Sequential)) and len(stack)
+            and all(map(is_block, stack))]
+
+
 def _checkpointed_forward(self, *args, **kwargs):
     forward = type(self).forward
     if torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()):
@@ -38,9 +45,7 @@ def checkpoint_blocks(model: nn.Module, blocks: bool | int) -> int:
     if blocks is False or blocks == 0:
         return 0
     wrapped = 0
-    for stack in model.modules():
-        if not isinstance(stack, (nn.ModuleList, nn.Sequential)) or not len(stack) or not all(map(is_block, stack)):
-            continue
+    for stack in block_stacks(model):
         for block in list(stack)[: len(stack) if blocks is True else blocks]:
             if "forward" not in vars(block):               # not wrapped yet, no forward of its own set elsewhere
                 block.forward = types.MethodType(_checkpointed_forward, block)

@@ -5,8 +5,9 @@ method is the root unit. `train.reshard_after_forward=false` keeps the gathered 
 ZeRO-2-like mode, for models that fit). On CUDA with bf16 the blocks compute in bf16 and reduce in fp32
 (`MixedPrecisionPolicy`).
 
-Built so far for the single-stage pixel methods (MAE, SimMIM: `config.FSDP_METHODS`, checked when the config is read); the other methods call their parts' helpers outside
-`forward` (which FSDP2 must be told about, part by part) and stay on `ddp`. Checkpoints stay whole `last.pt` files
+Built so far for the single-stage pixel methods (MAE, SimMIM: `config.FSDP_METHODS`, checked when the config is
+read); the other methods call their parts' helpers outside `forward` (which FSDP2 must be told about, part by part)
+and stay on `ddp`. Checkpoints stay whole `last.pt` files
 (full state dicts gathered on every rank, written by rank 0), so export, eval and `--init` read them as before; the
 optimiser state is stored by parameter name. Online probes are not run under fsdp yet.
 """
@@ -15,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mimkit.engine.activations import is_block
+from mimkit.engine.activations import block_stacks
 
 
 def shard_method(method: nn.Module, reshard_after_forward: bool = True, bf16: bool = False) -> int:
@@ -24,8 +25,7 @@ def shard_method(method: nn.Module, reshard_after_forward: bool = True, bf16: bo
     kwargs = {"reshard_after_forward": reshard_after_forward}
     if bf16:
         kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-    blocks = [block for stack in method.modules() if isinstance(stack, (nn.ModuleList, nn.Sequential))
-              and len(stack) and all(map(is_block, stack)) for block in stack]
+    blocks = [block for stack in block_stacks(method) for block in stack]
     for block in blocks:
         fully_shard(block, **kwargs)
     fully_shard(method, **kwargs)

@@ -28,10 +28,10 @@ from mimkit.data.batched import (BatchedCrops, EncodedCrops, decode_on_device, e
 from mimkit.data.shards import ShardStream
 from mimkit.engine import dist as D
 from mimkit.engine.activations import checkpoint_blocks
-from mimkit.engine.parallel import full_state, is_sharded, load_optimizers, shard_method, whole
 from mimkit.engine.checkpoint import (CheckpointError, find_resume_checkpoint, frozen_sources, is_run_checkpoint,
                                       load_checkpoint, save_atomic, state_dict_of, verify_frozen_sources)
 from mimkit.engine.logging import MetricsLog, read_metrics, save_loss_curves, save_rows_grid
+from mimkit.engine.parallel import full_state, is_sharded, load_optimizers, shard_method, whole
 from mimkit.methods import build_method
 
 
@@ -152,6 +152,8 @@ class Trainer:
 
         groups = self.method.optim_groups()
         self.params = {g: [p for _, p in named] for g, named in groups.items()}
+        # what the flat all-reduce averages: all of them, or under fsdp those it did not shard (it reduces its own)
+        self.all_reduced = {g: [p for p in params if not is_sharded(p)] for g, params in self.params.items()}
         seen = [id(p) for params in self.params.values() for p in params]
         if len(seen) != len(set(seen)):
             raise RuntimeError(f"{type(self.method).__name__}.optim_groups puts a parameter in two groups")
@@ -438,8 +440,8 @@ class Trainer:
             if self.multi_stage:
                 add(f"{prefix}loss", stage_loss)
             groups = [g for g in stage.groups if g in self.optimizers]
-            for group in groups:             # fsdp reduces its sharded gradients itself, in the backward
-                D.average_gradients([p for p in self.params[group] if not is_sharded(p)], self.dist.world_size)
+            for group in groups:
+                D.average_gradients(self.all_reduced[group], self.dist.world_size)
             clip = self.cfg.optim.clip_grad or float("inf")
             if self.clip_scope == "stage":    # one norm over every parameter the stage steps (BEiT-style: CIM, CAE)
                 norm = whole(torch.nn.utils.clip_grad_norm_([p for g in groups for p in self.params[g]], clip))

@@ -41,6 +41,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchvision.ops import masks_to_boxes
 from tqdm import tqdm
 
 from mimkit.data import to_unit_float
@@ -111,8 +112,8 @@ class DetectConfig:
              "[low, high] with 0 < low <= high, or null")
         need(self.steps is None or self.steps >= 1, "steps", "at least 1 or null")
         need(all(0 < e <= self.epochs for e in self.lr_drops), "lr_drops", f"epochs within 1..{self.epochs}")
-        for key in ("epochs", "batch_size", "fpn_channels", "box_fc_channels", "mask_head_channels", "rois_per_image", "test_size", "max_size", "detections_per_image",
-                    "ckpt_every", "log_every"):
+        for key in ("epochs", "batch_size", "fpn_channels", "box_fc_channels", "mask_head_channels", "rois_per_image",
+                    "test_size", "max_size", "detections_per_image", "ckpt_every", "log_every"):
             need(getattr(self, key) >= 1, key, "at least 1")
         for key in ("warmup_steps", "num_workers", "seed", "roi_sampling_ratio"):
             need(getattr(self, key) >= 0, key, "0 or more")
@@ -193,18 +194,16 @@ def build_detector(encoder: nn.Module, fixed_size: tuple[int, int] | None, num_c
         mask_head=MaskRCNNHeads(c, [m] * 4, 1), mask_predictor=MaskRCNNPredictor(m, m, num_classes + 1),
         box_detections_per_img=cfg.detections_per_image, box_score_thresh=cfg.score_threshold,
         size_divisible=pyramid.size_multiple)
-    model.test_size, model.train_sizes = cfg.test_size, tuple(cfg.train_sizes)
-    if cfg.jitter:                          # images arrive jittered to max_size square: resize none of them
-        model.train_sizes = model.test_size = cfg.max_size
-    model.transform.min_size = model.train_sizes if isinstance(model.train_sizes, tuple) else (model.train_sizes,)
-    return model
+    # the short sides torchvision resizes to; jittered images arrive max_size square and are resized by none
+    model.train_sizes = (cfg.max_size,) if cfg.jitter else tuple(cfg.train_sizes)
+    model.test_sizes = (cfg.max_size,) if cfg.jitter else (cfg.test_size,)
+    return set_mode(model, True)
 
 
 def set_mode(model: nn.Module, training: bool) -> nn.Module:
-    """train()/eval(), with the short side torchvision resizes to: drawn from train_sizes, or test_size."""
+    """train()/eval(), with the short side torchvision resizes to: drawn from train_sizes, or the test size."""
     model.train(training)
-    sizes = model.train_sizes if training else model.test_size
-    model.transform.min_size = sizes if isinstance(sizes, tuple) else (sizes,)
+    model.transform.min_size = model.train_sizes if training else model.test_sizes
     return model
 
 
@@ -279,10 +278,8 @@ class DetectTrainTransform:
         image, masks = F.pad(image, (0, pw, 0, ph)), F.pad(masks, (0, pw, 0, ph))
         keep = masks.flatten(1).any(1)
         masks = masks[keep]
-        boxes = torch.zeros(len(masks), 4)
-        for k, m in enumerate(masks):
-            rows, cols = m.any(1).nonzero(), m.any(0).nonzero()
-            boxes[k] = torch.tensor([cols.min(), rows.min(), cols.max() + 1, rows.max() + 1], dtype=torch.float32)
+        boxes = masks_to_boxes(masks)
+        boxes[:, 2:] += 1                   # pixel edges: a one-pixel mask is 1 x 1, as the dataset's boxes
         return image, {**target, "masks": masks, "boxes": boxes, "labels": target["labels"][keep]}
 
 
@@ -397,14 +394,13 @@ def train_detector(model: nn.Module, train_set, val_set, cfg: DetectConfig, out:
         done = step + 1
         if done % cfg.log_every == 0 or done == end:
             elapsed = time.perf_counter() - tick
-            row = {"step": done, **{k: v.item() / steps_in_row for k, v in running.items()}, "lr": now,
-                   "img_per_s": seen / max(elapsed, 1e-9)}
+            means = (torch.stack(list(running.values())) / steps_in_row).tolist()     # one sync for all terms
+            row = {"step": done, **dict(zip(running, means)), "lr": now, "img_per_s": seen / max(elapsed, 1e-9)}
             bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{row['img_per_s']:.1f}")
             log.write(row)
             running, steps_in_row, tick, seen = {}, 0, time.perf_counter(), 0
         if (cfg.eval_every and done % cfg.eval_every == 0) or done == total:
-            scores = evaluate(model, val_set, device, val_limit)
-            set_mode(model, True)
+            scores = evaluate(model, val_set, device, val_limit)          # back in training mode after it
             log.write({"step": done, **{f"val/box_{k}": v for k, v in scores["box"].items() if v is not None},
                        **{f"val/mask_{k}": v for k, v in scores["mask"].items() if v is not None}})
         if done % cfg.ckpt_every == 0 or done == end:
@@ -454,12 +450,14 @@ def draw_detections(model: nn.Module, dataset, path: str | Path, title: str, cou
 
 def detect_transfer(timm_spec: tuple[str, dict], state: dict, description: str, data: str, cfg: DetectConfig,
                     out: str | Path, mean: list | None = None, std: list | None = None, device="cpu",
-                    resume: bool = False, val_limit: int | None = None, quiet: bool = False, log=print) -> dict:
+                    resume: bool = False, val_limit: int | None = None, quiet: bool = False, log=print,
+                    train_set=None) -> dict:
     """The whole protocol for one encoder (timm name + kwargs, weights): coco:DIR's splits, the detector, training,
     COCO AP and the picture; `mean`/`std` None: the data's own. The result `eval detect` prints."""
     from mimkit.data.detection import detection_split
     start = time.time()
-    train_set, val_set = detection_split(data, "train"), detection_split(data, "val")
+    train_set = detection_split(data, "train") if train_set is None else train_set   # opened once by a caller
+    val_set = detection_split(data, "val")
     if train_set.classes != val_set.classes:
         raise ValueError(f"{data}: the train and val annotation files list different categories; use one category list")
     name, kwargs = timm_spec

@@ -411,12 +411,14 @@ def draw_examples(model: Segmenter, dataset, mean, std, cfg: SegmentConfig, path
 
 def segment_transfer(timm_spec: tuple[str, dict], state: dict, description: str, data: str, cfg: SegmentConfig,
                      out: str | Path, mean: list | None = None, std: list | None = None, device="cpu",
-                     resume: bool = False, val_limit: int | None = None, quiet: bool = False, log=print) -> dict:
+                     resume: bool = False, val_limit: int | None = None, quiet: bool = False, log=print,
+                     train_set=None) -> dict:
     """The whole protocol for one encoder (timm name + kwargs, weights): seg:DIR's splits, the model, training, the
     scores and the picture; `mean`/`std` None: the data's own. The result `eval segment` prints."""
     from mimkit.data.segmentation import segmentation_split
     start = time.time()
-    train_set, val_set = segmentation_split(data, "train"), segmentation_split(data, "val")
+    train_set = segmentation_split(data, "train") if train_set is None else train_set   # opened once by a caller
+    val_set = segmentation_split(data, "val")
     name, kwargs = timm_spec
     if kwargs.get("in_chans", 3) != train_set.channels:
         raise ValueError(f"the encoder takes {kwargs.get('in_chans', 3)}-channel images but {data} holds "
