@@ -321,3 +321,28 @@ def test_eval_report_adds_the_ap_columns(fmnist_small, canvases, tmp_path):
     assert "| run | AP box | AP50 box | AP mask | AP50 mask |" in table
     assert f"| {row['detect']['box_ap']:.2f} |" in table and (tmp_path / "report" / row["detect_png"]).is_file()
     assert main(["eval", "report", str(run), "--protocols", "detect", "--data", f"idx:{fmnist_small}"]) == 2
+
+
+def test_the_train_transform_moves_boxes_with_their_masks_through_flip_and_jitter():
+    from mimkit.eval.detect import DetectTrainTransform
+    masks = torch.zeros(2, 40, 50, dtype=torch.uint8)
+    masks[0, 5:15, 10:30] = 1
+    masks[1, 20:38, 2:8] = 1
+    target = {"boxes": torch.tensor([[10.0, 5, 30, 15], [2, 20, 8, 38]]), "labels": torch.tensor([1, 2]),
+              "masks": masks, "image_id": 1}
+
+    def extents(m):
+        rows, cols = m.any(1).nonzero(), m.any(0).nonzero()
+        return [cols.min().item(), rows.min().item(), cols.max().item() + 1, rows.max().item() + 1]
+    flipped = 0
+    for seed in range(8):                                   # CPU recipe: flip only, the image keeps its size
+        image, out = DetectTrainTransform(load_detect_recipe(CPU_RECIPE))(torch.zeros(1, 40, 50, dtype=torch.uint8),
+                                                                           target, seed)
+        assert image.shape == (1, 40, 50) and [extents(m) for m in out["masks"]] == out["boxes"].tolist()
+        flipped += out["boxes"][0].tolist() == [20.0, 5, 40, 15]          # x -> 50 - x
+    assert 0 < flipped < 8
+    jitter = load_detect_recipe(RECIPES / "maskrcnn_vit-b16_coco-768.yaml", ["max_size=64"])
+    for seed in range(8):                                   # VE's large-scale jitter: 64 square, boxes re-measured
+        image, out = DetectTrainTransform(jitter)(torch.zeros(1, 40, 50, dtype=torch.uint8), target, seed)
+        assert image.shape == (1, 64, 64) and out["masks"].shape[1:] == (64, 64)
+        assert [extents(m) for m in out["masks"]] == out["boxes"].tolist() and len(out["labels"]) == len(out["masks"])
