@@ -9,12 +9,14 @@ import torch
 from mimkit.cli import main
 from mimkit.config import ConfigError, load_config
 from mimkit.engine.activations import checkpoint_blocks
+from mimkit.keyed_random import key_drop_paths, keyed, sample_keys
 from mimkit.methods import build_method
 from tests.conftest import REPO
 
 
-def saved_and_grads(method, images, seed=1):
-    """(tensors saved for the backward, their bytes, the loss, the gradients) of one forward/backward."""
+def saved_and_grads(method, images, seed=1, keys=None):
+    """(tensors saved for the backward, their bytes, the loss, the gradients) of one forward/backward (its draws
+    keyed by `keys`, as in a training step, when given)."""
     saved = []
 
     def pack(t):
@@ -22,24 +24,30 @@ def saved_and_grads(method, images, seed=1):
         return t
     method.zero_grad(set_to_none=True)
     torch.manual_seed(seed)                       # the same masks, noise and drop path in both runs
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), keyed(keys):
         loss = method(images)["loss"]
     loss.backward()
     return len(saved), sum(saved), loss.item(), {n: p.grad.clone() for n, p in method.named_parameters()
                                                   if p.grad is not None}
 
 
+@pytest.mark.parametrize("keys", [None, sample_keys(0, 3, torch.arange(8))], ids=["torch-rng", "keyed"])
 @pytest.mark.parametrize("recipe, blocks", [("mae_vit-mini_fmnist-tiny.yaml", 6 + 2),          # encoder + decoder
                                             ("vision-electra_vit-mini_fmnist-tiny.yaml", 6 + 2 + 6)])  # + discriminator
-def test_checkpointed_blocks_give_the_same_gradients_and_keep_fewer_activations(recipe, blocks):
-    cfg = load_config(REPO / "configs" / recipe, ["model.drop_path=0.1"])      # drop path: the RNG is replayed
+def test_checkpointed_blocks_give_the_same_gradients_and_keep_fewer_activations(recipe, blocks, keys):
+    """Drop path's coins are replayed in the recomputation: torch's RNG state, or the keyed draws' keys and counter
+    (the recomputation runs in the backward, outside the step's keyed block)."""
+    cfg = load_config(REPO / "configs" / recipe, ["model.drop_path=0.5"])
     torch.manual_seed(0)
     plain = build_method(cfg, 1).train()
+    if keys is not None:
+        assert key_drop_paths(plain) > 0
     wrapped = copy.deepcopy(plain)
     assert checkpoint_blocks(wrapped, True) == blocks
     images = torch.randn(8, 1, 28, 28)
-    count_plain, bytes_plain, loss_plain, grads_plain = saved_and_grads(plain, images)
-    count_wrapped, bytes_wrapped, loss_wrapped, grads_wrapped = saved_and_grads(wrapped, images)
+    count_plain, bytes_plain, loss_plain, grads_plain = saved_and_grads(plain, images, keys=keys)
+    count_wrapped, bytes_wrapped, loss_wrapped, grads_wrapped = saved_and_grads(wrapped, images, seed=2, keys=keys) \
+        if keys is not None else saved_and_grads(wrapped, images)
     assert loss_wrapped == pytest.approx(loss_plain, abs=1e-6)
     assert grads_wrapped.keys() == grads_plain.keys()
     for name, grad in grads_plain.items():

@@ -1,8 +1,11 @@
 """torchrun on CPU (gloo): the same recipe runs with 2 processes, and gradients are averaged."""
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -44,7 +47,7 @@ def test_torchrun_two_processes_on_cpu(tmp_path, fmnist_small):
     assert first.returncode == 0, first.stderr[-3000:]
     ckpt = load_checkpoint(run / "last.pt")
     assert ckpt["world_size"] == 2 and len(ckpt["rng"]) == 2 and ckpt["step"] == 3
-    assert not torch.equal(ckpt["rng"][0]["cpu"], ckpt["rng"][1]["cpu"])  # ranks draw different masks
+    assert not torch.equal(ckpt["rng"][0]["cpu"], ckpt["rng"][1]["cpu"])  # unkeyed draws (dropout) differ by rank
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3] and all(r["loss"] > 0 for r in rows)
     assert rows[0]["epoch"] == round(1 / (2048 // 2 // 16), 4)  # global batch 32 = 2 ranks x 16
@@ -63,35 +66,96 @@ def test_the_slurm_and_gpu_scripts_parse_and_the_slurm_job_resumes_and_requeues(
     assert "--resume" in launch
 
 
-def test_fsdp_at_world_2_equals_the_flat_all_reduce_and_resumes_exactly(tmp_path, fmnist_small):
-    """train.parallel=fsdp (FSDP2 over gloo) and ddp at world 2 see the same data and masks (the ranks' RNG streams
-    are the same), so their losses and final weights agree, also across a resume; a one-process resume of the fsdp
-    run (world 1: no sharding) is refused with the fix."""
-    def run(out, steps, *extra):
-        argv = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29519",
-                "-m", "mimkit.cli", "pretrain", "--config", str(REPO / "configs/mae_vit-mini_fmnist-tiny.yaml"),
-                "--out", str(tmp_path / out), "--data", f"idx:{fmnist_small}", "--device", "cpu", "--steps", str(steps),
-                "model.size=pico", "method.decoder_dim=32", "method.decoder_depth=1", "data.batch_size=16",
-                "data.num_workers=0", "train.log_every=1", "train.sample_every=2", "optim.clip_grad=1.0", "model.drop_path=0.1", *extra]
-        done = subprocess.run(argv, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"),
-                              timeout=300)
-        assert done.returncode == 0, done.stderr[-3000:]
-        rows = [json.loads(line) for line in (tmp_path / out / "metrics.jsonl").read_text().splitlines()]
-        return [r["loss"] for r in rows if "loss" in r], load_checkpoint(tmp_path / out / "last.pt")
+PICO_MAE = ["--config", str(REPO / "configs/mae_vit-mini_fmnist-tiny.yaml"), "--device", "cpu", "model.size=pico",
+            "method.decoder_dim=32", "method.decoder_depth=1", "data.num_workers=0", "train.log_every=1",
+            "optim.clip_grad=1.0", "model.drop_path=0.1", "train.ckpt_every=5", "train.keep_every=5"]
 
-    # each run is cut at step 3 and resumed to 5 (fsdp's optimiser state restored by parameter name)
-    run("fsdp", 3, "train.parallel=fsdp", "train.activation_checkpointing=true")        # composes with fsdp
-    run("ddp", 3)
-    fsdp_losses, fsdp = run("fsdp", 5, "train.parallel=fsdp", "train.reshard_after_forward=false", "--resume")
-    ddp_losses, ddp = run("ddp", 5, "--resume")
-    assert fsdp["parallel"] == "fsdp" and ddp["parallel"] == "ddp" and fsdp["model"].keys() == ddp["model"].keys()
-    assert len(fsdp_losses) == 5 and fsdp_losses == pytest.approx(ddp_losses, abs=1e-5)
-    for key, value in ddp["model"].items():
-        assert torch.allclose(fsdp["model"][key], value, atol=1e-5), key
-    assert (tmp_path / "fsdp" / "samples" / "step-0000002.png").is_file()
-    wrong = subprocess.run([sys.executable, "-m", "mimkit.cli", "pretrain", "--out", str(tmp_path / "fsdp"),
-                            "--resume", "--steps", "6", "--device", "cpu"], capture_output=True, text=True, timeout=300)
-    assert wrong.returncode == 2 and "written with train.parallel=fsdp" in wrong.stderr, wrong.stderr[-2000:]
+
+def _pretrain_argv(out, steps, world, *extra):
+    """A pretrain command line at `world` processes with the global batch 32 (16 per rank at world 2)."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world), "--master_port", "29519",
+                "-m", "mimkit.cli"] if world > 1 else [sys.executable, "-m", "mimkit.cli"]
+    return launcher + ["pretrain", "--out", str(out), "--steps", str(steps), *extra,
+                       f"data.batch_size={32 // world}"]
+
+
+def _finished(argv):
+    done = subprocess.run(argv, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def _losses_and_weights(out):
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if "loss" in r], load_checkpoint(out / "last.pt")
+
+
+def _same_run(losses, ckpt, ref_losses, ref):
+    assert losses == pytest.approx(ref_losses, abs=1e-5)
+    assert ckpt["model"].keys() == ref["model"].keys()
+    for key, value in ref["model"].items():
+        assert torch.allclose(ckpt["model"][key], value, atol=1e-5), key
+
+
+def test_a_run_is_the_same_run_at_world_1_and_2_under_ddp_and_fsdp_and_across_a_kill(tmp_path, fmnist_small):
+    """Keyed draws (masks and drop path from each image's place in the global order) make MAE at world 2 (ddp or
+    fsdp, 16 images per rank) the world-1 run at the same global batch of 32: losses and final weights to 1e-5. A
+    world-2 run killed with SIGKILL after step 7 resumes from its step-5 checkpoint at world 1 and reproduces the
+    uninterrupted run; the world-1 run's step-5 checkpoint resumes at world 2 under fsdp (optimiser state by name)
+    and does too."""
+    data = ["--data", f"idx:{fmnist_small}", *PICO_MAE]
+    _finished(_pretrain_argv(tmp_path / "ref", 10, 1, *data))
+    ref_losses, ref = _losses_and_weights(tmp_path / "ref")
+    assert len(ref_losses) == 10
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(_pretrain_argv(killed, 10, 2, *data), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"), start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        rows = (killed / "metrics.jsonl").read_text().splitlines() if (killed / "metrics.jsonl").exists() else []
+        if len(rows) >= 7:
+            break
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the world-2 run ended before it could be killed"
+    assert load_checkpoint(killed / "last.pt")["step"] == 5 and load_checkpoint(killed / "last.pt")["world_size"] == 2
+    resumed = _finished(_pretrain_argv(killed, 10, 1, "--resume", "--device", "cpu"))
+    assert "resuming" in resumed.stdout and "global batch 32" in resumed.stdout
+    _same_run(*_losses_and_weights(killed), ref_losses, ref)
+
+    _finished(_pretrain_argv(tmp_path / "fsdp", 10, 2, *data, "train.parallel=fsdp",
+                             "train.activation_checkpointing=true", "train.sample_every=5"))
+    _same_run(*_losses_and_weights(tmp_path / "fsdp"), ref_losses, ref)
+    assert (tmp_path / "fsdp" / "samples" / "step-0000005.png").is_file()
+
+    grown = tmp_path / "grown"           # the world-1 run's step-5 checkpoint, continued at world 2 under fsdp
+    grown.mkdir()
+    shutil.copy(tmp_path / "ref" / "checkpoint-0000005.pt", grown / "last.pt")
+    shutil.copy(tmp_path / "ref" / "config.yaml", grown / "config.yaml")
+    rows = (tmp_path / "ref" / "metrics.jsonl").read_text().splitlines()[:5]
+    (grown / "metrics.jsonl").write_text("".join(row + "\n" for row in rows))
+    _finished(_pretrain_argv(grown, 10, 2, "--resume", "--device", "cpu", "train.parallel=fsdp",
+                             "train.reshard_after_forward=false"))
+    _same_run(*_losses_and_weights(grown), ref_losses, ref)
+
+
+def test_gan_mae_with_its_shared_backbone_is_the_same_run_at_world_1_and_2(tmp_path, fmnist_small):
+    """GAN-MAE (two stages, one backbone shared by generator and discriminator) at world 2 under ddp equals the
+    world-1 run at the same global batch: every stage's losses and the final weights to 1e-5 over 10 steps."""
+    data = ["--data", f"idx:{fmnist_small}", *PICO_MAE, "method.name=gan_mae", "method.decoder_heads=2"]
+    _finished(_pretrain_argv(tmp_path / "one", 10, 1, *data))
+    _finished(_pretrain_argv(tmp_path / "two", 10, 2, *data))
+    rows = {}
+    for name in ("one", "two"):
+        rows[name] = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+    keys = [k for k in rows["one"][0] if "loss" in k or k.startswith("discriminator/acc")]
+    assert "generator/loss_adv" in keys and "discriminator/loss" in keys
+    for a, b in zip(rows["one"], rows["two"], strict=True):
+        for key in keys:
+            assert b[key] == pytest.approx(a[key], abs=1e-5), (a["step"], key)
+    _same_run(*_losses_and_weights(tmp_path / "two"), *_losses_and_weights(tmp_path / "one"))
 
 
 def test_fsdp_is_refused_where_it_is_not_built_yet():
@@ -102,3 +166,30 @@ def test_fsdp_is_refused_where_it_is_not_built_yet():
         load_config(REPO / "configs/mae_vit-mini_fmnist-tiny.yaml", ["train.parallel=fsdp", "train.online_probe=knn"])
     with pytest.raises(ConfigError, match="train.parallel"):
         load_config(REPO / "configs/mae_vit-mini_fmnist-tiny.yaml", ["train.parallel=zero3"])
+
+
+def test_optimiser_state_is_stored_by_name_and_a_positional_one_still_loads():
+    """Run checkpoints keep optimiser state by parameter name (so ddp and fsdp runs resume under either); one written
+    by position (before) loads the same; an optimiser that has not stepped is stored empty and stays so (DCP's getter
+    would step it with zero gradients to make state)."""
+    import copy
+    from mimkit.engine.parallel import full_state, load_optimizers
+
+    def build():
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.LayerNorm(3))
+        groups = [{"params": [model[0].bias, model[1].weight]}, {"params": [model[0].weight, model[1].bias]}]
+        return model, torch.optim.AdamW(groups, lr=0.1), torch.optim.AdamW(model[1].parameters())
+    model, opt, idle = build()
+    model(torch.randn(4, 2)).square().sum().backward()
+    opt.step()
+    weights, states = full_state(model, {"g": opt, "idle": idle})
+    assert set(states["g"]["state"]) == {"0.bias", "1.weight", "0.weight", "1.bias"}
+    assert states["g"]["param_groups"][1]["params"] == ["0.weight", "1.bias"]
+    assert states["idle"]["state"] == {} and not idle.state
+    assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())
+    for stored in (states["g"], copy.deepcopy(opt.state_dict())):          # by name, and by position
+        fresh, fresh_opt, _ = build()
+        load_optimizers(fresh, {"g": fresh_opt}, {"g": stored})
+        for p, q in zip(model.parameters(), fresh.parameters()):
+            assert torch.equal(opt.state[p]["exp_avg_sq"], fresh_opt.state[q]["exp_avg_sq"])

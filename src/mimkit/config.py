@@ -97,6 +97,8 @@ class TrainConfig:
     activation_checkpointing: int | bool = False   # true: recompute every block's activations in the backward;
                                                    # N: the first N blocks of each stack (engine/activations.py)
     seed: int = 0
+    randomness: str = "keyed"               # keyed: masks, noise, drop path drawn from each image's key (the same
+                                            # run at any world size; keyed_random.py) | stream: each rank's torch RNG
     log_every: int = 10
     ckpt_every: int = 500                   # RUN/last.pt
     keep_every: int = 0                     # RUN/checkpoint-STEP.pt every N steps; 0 = none (last.pt only)
@@ -358,6 +360,7 @@ def validate_values(cfg: Config) -> None:
     _check(t.sample_every >= 0, "train.sample_every", t.sample_every, "0 (never) or more")
     _check(t.nan_patience >= 1, "train.nan_patience", t.nan_patience, "at least 1")
     _check(t.parallel in ("ddp", "fsdp"), "train.parallel", t.parallel, "ddp or fsdp")
+    _check(t.randomness in ("keyed", "stream"), "train.randomness", t.randomness, "keyed or stream")
     if t.parallel == "fsdp":
         name = cfg.method.get("name", "mae")
         if name not in FSDP_METHODS:

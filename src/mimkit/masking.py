@@ -1,4 +1,5 @@
-"""Mask generators and keep/restore helpers, all made on the caller's device.
+"""Mask generators and keep/restore helpers, all made on the caller's device; inside a training step the draws are
+keyed by each image (keyed_random.py), so a mask does not depend on the rank that holds the image.
 
 Convention, everywhere in mimkit: a mask is bool [B, L] over the patch grid in row-major order,
 True = masked (hidden from the encoder, predicted by the model).
@@ -9,6 +10,8 @@ import math
 
 import torch
 
+from mimkit import keyed_random as draws
+
 
 def random_mask(batch: int, grid: tuple[int, int], ratio: float, device: torch.device | str,
                 count: int | None = None) -> torch.Tensor:
@@ -16,7 +19,7 @@ def random_mask(batch: int, grid: tuple[int, int], ratio: float, device: torch.d
     `num_masked(L, ratio)`)."""
     num_patches = grid[0] * grid[1]
     count = num_masked(num_patches, ratio) if count is None else count
-    noise = torch.rand(batch, num_patches, device=device)
+    noise = draws.rand(batch, num_patches, device=device)
     ranks = noise.argsort(dim=1).argsort(dim=1)  # rank of each patch's noise
     return ranks < count
 
@@ -57,19 +60,19 @@ def block_mask(batch: int, grid: tuple[int, int], ratio: float, device: torch.de
     log_lo, log_hi = math.log(aspect), math.log(1 / aspect)
     for _ in range(attempts):
         remaining = (target - mask.sum((1, 2))).clamp(min=min_block).float()
-        area = min_block + torch.rand(batch, device=device) * (remaining - min_block)
-        ar = torch.exp(log_lo + torch.rand(batch, device=device) * (log_hi - log_lo))
+        area = min_block + draws.rand(batch, device=device) * (remaining - min_block)
+        ar = torch.exp(log_lo + draws.rand(batch, device=device) * (log_hi - log_lo))
         h = torch.sqrt(area * ar).round().clamp(1, gh).long()
         w = torch.sqrt(area / ar).round().clamp(1, gw).long()
-        top = (torch.rand(batch, device=device) * (gh - h + 1)).floor().long()
-        left = (torch.rand(batch, device=device) * (gw - w + 1)).floor().long()
+        top = (draws.rand(batch, device=device) * (gh - h + 1)).floor().long()
+        left = (draws.rand(batch, device=device) * (gw - w + 1)).floor().long()
         block = ((rows >= top.view(-1, 1, 1)) & (rows < (top + h).view(-1, 1, 1))
                  & (cols >= left.view(-1, 1, 1)) & (cols < (left + w).view(-1, 1, 1)))
         grown = mask | block
         fits = grown.sum((1, 2)) <= target
         mask = torch.where(fits.view(-1, 1, 1), grown, mask)
     # Top up to exactly `target`: masked patches rank first, the rest in random order.
-    score = mask.reshape(batch, -1).float() * 2 + torch.rand(batch, num_patches, device=device)
+    score = mask.reshape(batch, -1).float() * 2 + draws.rand(batch, num_patches, device=device)
     ranks = score.argsort(dim=1, descending=True).argsort(dim=1)
     return ranks < target
 

@@ -29,6 +29,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from mimkit import keyed_random as draws
+
 OPS = ("xflip", "rot90", "translate", "brightness", "contrast", "saturation", "cutout")
 
 
@@ -57,26 +59,26 @@ class AdaptiveAugment(nn.Module):
     def sample(self, batch: int, coarse_size: tuple[int, int], device) -> dict:
         """One draw per image; geometry in the coarsest scale's pixels (`coarse_size`)."""
         hc, wc = coarse_size
-        on = lambda: torch.rand(batch, device=device) < self.p   # noqa: E731  (each op its own coin)
+        on = lambda: draws.rand(batch, device=device) < self.p   # noqa: E731  (each op its own coin)
         zero = torch.zeros(batch, device=device)
         draw = {}
-        draw["xflip"] = on() & (torch.rand(batch, device=device) < 0.5) if "xflip" in self.ops else zero.bool()
-        k = torch.randint(0, 4, (batch,), device=device) * (1 if hc == wc else 2) % 4
+        draw["xflip"] = on() & (draws.rand(batch, device=device) < 0.5) if "xflip" in self.ops else zero.bool()
+        k = draws.randint(4, batch, device=device) * (1 if hc == wc else 2) % 4
         draw["rot90"] = torch.where(on(), k, 0) if "rot90" in self.ops else zero.long()
         if "translate" in self.ops:
-            t = (torch.rand(2, batch, device=device) * 2 - 1) * self.translate
+            t = (draws.rand(batch, 2, device=device).T * 2 - 1) * self.translate
             t = torch.round(t * torch.tensor([[hc], [wc]], device=device)).long()
             draw["translate"] = torch.where(on(), t, 0)
         else:
             draw["translate"] = torch.zeros(2, batch, dtype=torch.long, device=device)
-        draw["brightness"] = torch.where(on(), torch.randn(batch, device=device) * self.brightness, 0) \
+        draw["brightness"] = torch.where(on(), draws.randn(batch, device=device) * self.brightness, 0) \
             if "brightness" in self.ops else zero
-        draw["contrast"] = torch.where(on(), torch.exp2(torch.randn(batch, device=device) * self.contrast), 1) \
+        draw["contrast"] = torch.where(on(), torch.exp2(draws.randn(batch, device=device) * self.contrast), 1) \
             if "contrast" in self.ops else zero + 1
-        draw["saturation"] = torch.where(on(), torch.exp2(torch.randn(batch, device=device) * self.saturation), 1) \
+        draw["saturation"] = torch.where(on(), torch.exp2(draws.randn(batch, device=device) * self.saturation), 1) \
             if "saturation" in self.ops else zero + 1
         size = torch.tensor([max(1, round(self.cutout * hc)), max(1, round(self.cutout * wc))], device=device)
-        corner = torch.round(torch.rand(2, batch, device=device) * torch.tensor([[hc], [wc]], device=device)
+        corner = torch.round(draws.rand(batch, 2, device=device).T * torch.tensor([[hc], [wc]], device=device)
                              - size[:, None] / 2).long()
         draw["cutout"] = on() if "cutout" in self.ops else zero.bool()
         draw["cutout_box"] = torch.cat([corner, corner + size[:, None]])        # [4, B]: y0, x0, y1, x1 (coarse px)

@@ -6,16 +6,20 @@ their intermediates (Chen et al. 2016; PyTorch's `torch.utils.checkpoint`, non-r
 What is wrapped: every stack (an `nn.ModuleList` or `nn.Sequential`) whose members are all blocks - timm's ViT, Beit
 and Swin transformer blocks, mimkit's decoder and discriminator blocks, ResNet bottlenecks - in the encoders,
 decoders, discriminators and critics of any method; `true` wraps all of a stack, a number N its first N. Frozen
-parts (tokenizers, loss networks) run without gradients and are left as they are. The RNG state is replayed in the
-recomputation (drop path, dropout), so gradients equal those of the run without it.
+parts (tokenizers, loss networks) run without gradients and are left as they are. The RNG state (torch's, and the
+keyed draws' keys and counter) is replayed in the recomputation (drop path, dropout), so gradients equal those of
+the run without it.
 """
 from __future__ import annotations
 
 import types
+from contextlib import nullcontext
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+from mimkit.keyed_random import KeyedState, keyed, keyed_state
 
 BLOCK_SUFFIXES = ("Block", "Bottleneck", "BasicBlock")
 
@@ -31,10 +35,18 @@ def block_stacks(model: nn.Module) -> list[nn.Module]:
             and all(map(is_block, stack))]
 
 
+def _replay_keyed_draws():
+    """checkpoint's context_fn: the recomputation runs in the backward, outside the step's `keyed` block; it gets
+    the keys and draw counter the forward had, so keyed drop path draws the same coins."""
+    state = keyed_state()
+    replay = KeyedState(state.keys, state.draws) if state is not None else None
+    return nullcontext(), keyed(replay)
+
+
 def _checkpointed_forward(self, *args, **kwargs):
     forward = type(self).forward
     if torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()):
-        return checkpoint(forward, self, *args, use_reentrant=False, **kwargs)
+        return checkpoint(forward, self, *args, use_reentrant=False, context_fn=_replay_keyed_draws, **kwargs)
     return forward(self, *args, **kwargs)
 
 

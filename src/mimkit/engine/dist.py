@@ -70,6 +70,15 @@ def average_gradients(params: list[torch.nn.Parameter], world_size: int) -> None
         torch._foreach_copy_(grads, [f.view_as(g) for f, g in zip(flat.split([g.numel() for g in grads]), grads)])
 
 
+def mean_over_ranks(values: torch.Tensor) -> torch.Tensor:
+    """The mean of `values` over the ranks (a logged loss is the global batch's, not rank 0's)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        values = values.clone()
+        dist.all_reduce(values)
+        values /= dist.get_world_size()
+    return values
+
+
 def broadcast_module(module: torch.nn.Module) -> None:
     if dist.is_initialized() and dist.get_world_size() > 1:
         for tensor in list(module.parameters()) + list(module.buffers()):

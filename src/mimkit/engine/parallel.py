@@ -9,7 +9,8 @@ Built so far for the single-stage pixel methods (MAE, SimMIM: `config.FSDP_METHO
 read); the other methods call their parts' helpers outside `forward` (which FSDP2 must be told about, part by part)
 and stay on `ddp`. Checkpoints stay whole `last.pt` files
 (full state dicts gathered on every rank, written by rank 0), so export, eval and `--init` read them as before; the
-optimiser state is stored by parameter name. Online probes are not run under fsdp yet.
+optimiser state is stored by parameter name under ddp and fsdp alike, so a run resumes under either, at any world
+size. Online probes are not run under fsdp yet.
 """
 from __future__ import annotations
 
@@ -43,14 +44,52 @@ def whole(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def full_state(method: nn.Module, optimizers: dict) -> tuple[dict, dict]:
-    """(model state dict, {group: optimiser state dict}) gathered whole on every rank (a collective), on the CPU."""
+    """(model state dict, {group: optimiser state dict by parameter name}) whole, on the CPU: gathered on every rank
+    (a collective) when `method` is sharded, a local copy otherwise. An optimiser that has not stepped yet is stored
+    empty (DCP's getter would give it state by running a zero step, which a resume would then carry on from)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return (get_model_state_dict(method, options=options),
-            {g: get_optimizer_state_dict(method, opt, options=options) for g, opt in optimizers.items()})
+    sharded = any(is_sharded(p) for p in method.parameters())
+    states = {}
+    for g, opt in optimizers.items():
+        if sharded and opt.state:
+            states[g] = get_optimizer_state_dict(method, opt, options=options)
+        else:
+            states[g] = _by_name(method, opt, opt.state_dict())
+    if sharded:
+        return get_model_state_dict(method, options=options), states
+    return {k: v.detach().cpu() for k, v in method.state_dict().items()}, states
 
 
 def load_optimizers(method: nn.Module, optimizers: dict, states: dict) -> None:
+    """Optimiser states stored by parameter name (`full_state`), or by position (a run written before they were
+    named), into the optimisers of `method`, sharded or not."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    sharded = any(is_sharded(p) for p in method.parameters())
     for g, opt in optimizers.items():
-        set_optimizer_state_dict(method, opt, states[g], options=StateDictOptions(full_state_dict=True))
+        state = states[g]
+        named = not all(isinstance(i, int) for group in state["param_groups"] for i in group["params"])
+        if not sharded:
+            opt.load_state_dict(_by_position(method, opt, state) if named else state)
+        elif state["state"]:       # one that had not stepped stays fresh
+            state = state if named else _by_name(method, opt, state)
+            set_optimizer_state_dict(method, opt, state, options=StateDictOptions(full_state_dict=True))
+
+
+def _names_in_order(method: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+    names = {id(p): n for n, p in method.named_parameters()}
+    return [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+
+
+def _by_name(method: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> dict:
+    """A positional optimiser state dict (torch's own) keyed by the parameter names of `method` instead."""
+    order = _names_in_order(method, optimizer)
+    return {"state": {order[i]: value for i, value in state["state"].items()},
+            "param_groups": [{**group, "params": [order[i] for i in group["params"]]} for group in state["param_groups"]]}
+
+
+def _by_position(method: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> dict:
+    """The inverse of `_by_name` for this optimiser's parameters."""
+    index = {name: i for i, name in enumerate(_names_in_order(method, optimizer))}
+    return {"state": {index[name]: value for name, value in state["state"].items()},
+            "param_groups": [{**group, "params": [index[n] for n in group["params"]]} for group in state["param_groups"]]}

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import mimkit
+from mimkit import keyed_random as draws
 from mimkit.config import Config, GroupOptimConfig
 from mimkit.data import Augmented, EvalTransform, PretrainTransform, ResumableSampler, build_dataset, to_unit_float
 from mimkit.data.batched import (BatchedCrops, EncodedCrops, decode_on_device, encoded_collate, pad_collate,
@@ -134,8 +135,8 @@ class Trainer:
                             f"tokens (tokenizer.input_size)")
 
         self.global_batch = cfg.data.batch_size * t.accum_steps * self.dist.world_size
-        micro_per_epoch = self._micro_per_epoch()
-        self.steps_per_epoch = micro_per_epoch // t.accum_steps
+        self.micro_per_epoch = self._micro_per_epoch()
+        self.steps_per_epoch = self.micro_per_epoch // t.accum_steps
         if self.steps_per_epoch == 0:
             raise ValueError(f"the dataset has {len(self.dataset)} images, fewer than one global batch of "
                              f"{self.global_batch}; lower data.batch_size or add images")
@@ -173,6 +174,8 @@ class Trainer:
         cuda = self.device.type == "cuda"
         bf16 = t.precision == "bf16" or (t.precision == "auto" and cuda)
         self.autocast = (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16)) if bf16 else nullcontext
+        if t.randomness == "keyed":
+            draws.key_drop_paths(self.method)
         if t.activation_checkpointing:
             wrapped = checkpoint_blocks(self.method, t.activation_checkpointing)
             self._print(f"activation checkpointing: {wrapped} blocks recompute their activations in the backward")
@@ -326,10 +329,11 @@ class Trainer:
         for step in range(self.start_step, self.total_steps):
             micro = [next(batches) for _ in range(t.accum_steps)]
             images = [self._prepare(m) for m in micro]
+            places = [self._places(step * t.accum_steps + i, x.shape[0]) for i, x in enumerate(images)]
             self.skipped_images += sum(int(m[2].sum()) for m in micro)
             for g, scheduler in self.schedulers.items():
                 scheduler.step_update(max(step - self.spans[g][0], 0))
-            self._step(images, running, counts, step)
+            self._step(images, running, counts, step, places)
             step_done = step + 1
             images_seen += sum(x.shape[0] for x in images) * self.dist.world_size
             bar.update(1)
@@ -408,7 +412,20 @@ class Trainer:
                       f"({self.recipe_steps / self.steps_per_epoch:g} recipe epochs compressed into them); lengthen the "
                       f"run (train.steps / train.epochs) to train with it", stacklevel=2)
 
-    def _step(self, images: list[torch.Tensor], running: dict, counts: dict, step: int) -> None:
+    def _places(self, micro_index: int, batch: int) -> tuple[int, torch.Tensor] | None:
+        """(data epoch, the images' places in that epoch's global order) of a micro-batch, from which its keyed draws
+        follow (None under train.randomness=stream). A folder's order is global (ResumableSampler deals rank r the
+        places r, r + world, ...), so the places do not depend on the world size; a shard stream's are the rank's
+        own (its order depends on the world size anyway)."""
+        if self.cfg.train.randomness != "keyed":
+            return None
+        epoch, offset = divmod(micro_index, self.micro_per_epoch)
+        local = torch.arange(batch, device=self.device) + offset * batch
+        if isinstance(self.dataset, ShardStream):
+            return epoch, local * self.dist.world_size + self.dist.rank
+        return epoch, self.dist.rank + self.dist.world_size * local
+
+    def _step(self, images: list[torch.Tensor], running: dict, counts: dict, step: int, places: list | None = None) -> None:
         accum = len(images)
         epoch = self.schedule_epoch(step)
         carries = [{"step": step, "epoch": epoch, "total_steps": self.total_steps, "last_micro": i == accum - 1}
@@ -429,8 +446,9 @@ class Trainer:
                     for p in params:
                         p.grad = None
             stage_loss = torch.zeros((), device=self.device)
-            for x, carry in zip(images, carries):
-                with self.autocast():
+            for x, place, carry in zip(images, places or [None] * accum, carries):
+                keys = None if place is None else draws.sample_keys(self.cfg.train.seed, place[0], place[1], stage.name)
+                with draws.keyed(keys), self.autocast():
                     out = self.forward(x, stage=stage.name, carry=carry)
                 (out["loss"] / accum).backward()
                 stage_loss += out["loss"].detach().float() / accum
@@ -479,7 +497,8 @@ class Trainer:
     def _log_row(self, step: int, running: dict, counts: dict) -> dict:
         names = list(running)
         values = torch.stack([torch.as_tensor(running[n], device=self.device).float() for n in names]
-                             + [self.nonfinite_total, self.max_streak]).tolist()   # the one sync per log
+                             + [self.nonfinite_total, self.max_streak])
+        values = D.mean_over_ranks(values).tolist()     # the one sync per log: every rank's images count
         row = {"step": step, "epoch": round(step / self.steps_per_epoch, 4)}
         row["loss"] = values[names.index("loss")] / counts["loss"]
         row.update({n: v / counts[n] for n, v in zip(names, values) if n != "loss"})
@@ -536,14 +555,12 @@ class Trainer:
 
     def _save(self, step: int, path: Path | None = None) -> None:
         rng = D.gather_objects(self._rng_state())  # every rank's RNG, so a resumed world reproduces the run
-        if self.sharded:                           # gathered whole on every rank (collectives), written by rank 0
+        if self.sharded or self.dist.is_main:      # sharded: gathered whole on every rank (collectives)
             model, optimizers = full_state(self.method, self.optimizers)
             kept = self.method.trainable_state_dict().keys()
             model = {k: v for k, v in model.items() if k in kept}
         if not self.dist.is_main:
             return
-        if not self.sharded:
-            model, optimizers = self.method.trainable_state_dict(), {g: o.state_dict() for g, o in self.optimizers.items()}
         payload = {
             "format": "mimkit-run", "version": mimkit.__version__, "step": step, "config": self.cfg.to_dict(),
             "in_chans": self.in_chans, "data_stats": {"mean": self.mean.flatten().tolist(),
@@ -558,18 +575,16 @@ class Trainer:
         save_atomic(payload, path or self.out / "last.pt")
 
     def _restore(self, ckpt: dict, path: Path) -> None:
-        written = ckpt.get("parallel", "ddp")
-        if written != ("fsdp" if self.sharded else "ddp"):
-            raise CheckpointError(f"{path} was written with train.parallel={written} (optimiser state stored "
-                                  f"{'by parameter name' if written == 'fsdp' else 'by position'}); resume it with "
-                                  f"train.parallel={written} and as many ranks as needed")
-        if self.sharded:
-            load_optimizers(self.method, self.optimizers, ckpt["optimizers"])   # the weights went in before sharding
-        else:
+        if not self.sharded:                       # sharded: the weights went in before sharding
             self.method.load_run_state(ckpt["model"])
-            for g, opt in self.optimizers.items():
-                opt.load_state_dict(ckpt["optimizers"][g])
+        load_optimizers(self.method, self.optimizers, ckpt["optimizers"])   # by name: any parallel mode, any world
         self.start_step = int(ckpt["step"])
+        saved = ckpt["config"]
+        was = saved["data"]["batch_size"] * saved["train"]["accum_steps"] * ckpt.get("world_size", 1)
+        if was != self.global_batch:
+            self._print(f"note: {path.name} was written at a global batch of {was}, this run has {self.global_batch}: "
+                        f"it goes on with another lr, epoch length and data order; to continue the same run set "
+                        f"data.batch_size x train.accum_steps x processes = {was}")
         rng = ckpt["rng"]
         mine = rng[self.dist.rank] if len(rng) == self.dist.world_size else rng[0]
         self._restored_rng = mine

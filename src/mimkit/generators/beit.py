@@ -13,6 +13,7 @@ import dataclasses
 import torch
 from torch import nn
 
+from mimkit import keyed_random as draws
 from mimkit.backbones import build_backbone
 
 SAMPLING_MODES = ("softmax", "argmax", "uniform")
@@ -40,11 +41,11 @@ def sample_replacements(logits: torch.Tensor, mode: str = "softmax") -> torch.Te
     """Replacement ids [...] from logits [..., V], on the device, no host sync: `softmax` samples p = softmax(logits)
     (temperature 1, CIM's Eq. 2), `argmax` takes the most likely id, `uniform` ignores the generator."""
     if mode == "softmax":
-        return torch.distributions.Categorical(logits=logits.float()).sample()
+        return draws.categorical(logits)
     if mode == "argmax":
         return logits.argmax(-1)
     if mode == "uniform":
-        return torch.randint(logits.shape[-1], logits.shape[:-1], device=logits.device)
+        return draws.randint(logits.shape[-1], *logits.shape[:-1], device=logits.device)
     raise ValueError(f"unknown sampling {mode!r}; choose one of {', '.join(SAMPLING_MODES)}")
 
 

@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from mimkit import keyed_random as draws
+
 GAN_KINDS = ("nonsaturating", "least_squares", "hinge")
 
 
@@ -71,7 +73,7 @@ def path_length_penalty(features: list[torch.Tensor], latent: torch.Tensor, runn
     a_b = sqrt(mean over tokens of sum over channels of (dy / d latent_b)^2) is the length of J_b^T n for image b;
     the penalty is mean_b (a_b - a)^2, with a the running mean of a_b (`running_mean`, updated in place with `decay`,
     StyleGAN2's 0.01). `latent` [B, T, D] must be in the graph of `features`."""
-    y = sum((f.float() * torch.randn_like(f, dtype=torch.float32)).sum() / (f.shape[-2] * f.shape[-1]) ** 0.5
+    y = sum((f.float() * draws.randn(f.shape[0], *f.shape[1:], device=f.device)).sum() / (f.shape[-2] * f.shape[-1]) ** 0.5
             for f in features)
     grad, = torch.autograd.grad(y, latent, create_graph=True)
     lengths = grad.float().square().sum(-1).mean(-1).add(1e-8).sqrt()           # [B]

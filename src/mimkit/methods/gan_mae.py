@@ -29,7 +29,9 @@ Losses (logits l, D = sigmoid(l); y^k = 1 for an original token, 0 for a generat
   tiny Fashion-MNIST recipe (150 steps, batch 64) VQGAN's base 1.0 kept loss_mae above 1.3 (worse than
   predicting the mean) and D at the class prior (real accuracy 0), while 0.1 took loss_mae from 2.79 to 0.56
   and D to 0.86 / 0.99 accuracy on real / generated tokens. It costs one more backward pass through D per
-  step. `gamma=<number>` fixes it instead. gamma is logged.
+  step. `gamma=<number>` fixes it instead. gamma is logged. Under torchrun the two gradients are averaged over the
+  ranks first (a 2 x the last layer all-reduce), so gamma is the global batch's and a run is the same at any world
+  size (with gradient accumulation it is each micro-batch's).
 - D's prior phase at the shipped mask ratio (0.75; measured, tiny recipe at batch 64, 300 steps): from about step 11
   to 50 D answers "generated" for every token (acc_real 0.00, acc_fake 1.00: the 75 % class prior; balanced accuracy
   (acc_real + acc_fake) / 2 = 0.50), while the adaptive gamma falls from 1.0 (step 10) to 0.5 (30), 0.1 (50) and
@@ -71,6 +73,7 @@ import torch
 from mimkit.backbones import build_backbone
 from mimkit.config import Config, method_options
 from mimkit.discriminators import HierarchicalDiscriminator, forward_frozen
+from mimkit.engine.dist import mean_over_ranks
 from mimkit.engine.logging import RenderedRow
 from mimkit.eval.attention import patch_overlay
 from mimkit.losses import discriminator_loss, generator_loss, masked_mse
@@ -187,7 +190,9 @@ class GANMAE(Method):
         last = self.generator.decoder_pred.weight
         g_mae = torch.autograd.grad(loss_mae, last, retain_graph=True)[0]
         g_adv = torch.autograd.grad(loss_adv, last, retain_graph=True)[0]
-        ratio = g_mae.float().norm() / (g_adv.float().norm() + 1e-4)
+        # the gradients of the losses over every rank's images (their mean), so gamma is the global batch's
+        g_mae, g_adv = mean_over_ranks(torch.stack([g_mae.float(), g_adv.float()]))
+        ratio = g_mae.norm() / (g_adv.norm() + 1e-4)
         return (o.gamma_base * ratio.clamp(0, o.gamma_max)).detach()
 
     # ------------------------------------------------------------------ stages

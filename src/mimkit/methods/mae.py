@@ -15,6 +15,7 @@ import torch
 from timm.models.vision_transformer import Block
 from torch import nn
 
+from mimkit import keyed_random as draws
 from mimkit.backbones import ViTBackbone, build_backbone, sincos_pos_embed_2d
 from mimkit.config import Config, method_options
 from mimkit.losses import masked_mse
@@ -71,7 +72,7 @@ class MAEGenerator(nn.Module):
         ids_visible = visible_indices(mask, self.num_visible)                 # [B, K]
         latent = self.encoder.forward_visible(images, ids_visible)             # [B, 1+K, D]
         if latent_noise_std > 0:  # Vision ELECTRA Sec. 3.2: z + z~, z~ ~ N(0, std^2)
-            latent = latent + torch.randn_like(latent) * latent_noise_std
+            latent = latent + draws.randn_like(latent) * latent_noise_std
         x = self.embed_for_decoder(latent, ids_visible)                        # [B, 1+L, Dd]
         for block in self.decoder_blocks:
             x = block(x)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from mimkit import keyed_random as draws
 from mimkit.backbones import SwinBackbone, ViTBackbone, build_backbone
 from mimkit.config import Config, method_options
 from mimkit.losses import masked_l1
@@ -61,7 +62,7 @@ class SimMIM(Method):
         """Predicted image [B, C, H, W] (every pixel; the loss reads the masked ones)."""
         z = self.backbone.forward_masked(images, mask)
         if latent_noise_std > 0:  # Vision ELECTRA Sec. 3.2: z + z~, z~ ~ N(0, std^2)
-            z = z + torch.randn_like(z) * latent_noise_std
+            z = z + draws.randn_like(z) * latent_noise_std
         if isinstance(self.backbone, ViTBackbone):                              # [B, 1+L, D] -> [B, D, gh, gw]
             gh, gw = self.backbone.grid
             z = z[:, self.backbone.num_prefix:].transpose(1, 2).reshape(z.shape[0], -1, gh, gw)
