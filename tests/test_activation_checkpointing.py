@@ -103,4 +103,4 @@ def test_bench_prints_the_memory_table_and_times_checkpointed_steps(capsys):
     assert "| fsdp x2 | yes |" in out and "| ddp | no |" in out and "| checkpointed |" in out and "| eager |" in out
     assert main(["bench", "--config", recipe, "--batch", "4", "--modes", "none", "model.size=pico"]) == 0
     out = capsys.readouterr().out
-    assert "| fsdp x8 | no |" in out and "| eager |" not in out
+    assert "| fsdp x8 | no |" in out and "| eager |" not in out and "images/s" not in out     # no empty timing table

@@ -193,3 +193,23 @@ def test_optimiser_state_is_stored_by_name_and_a_positional_one_still_loads():
         load_optimizers(fresh, {"g": fresh_opt}, {"g": stored})
         for p, q in zip(model.parameters(), fresh.parameters()):
             assert torch.equal(opt.state[p]["exp_avg_sq"], fresh_opt.state[q]["exp_avg_sq"])
+
+
+def test_sync_batchnorm_converts_the_trained_batchnorms_and_is_refused_on_cpu_ranks():
+    """train.sync_batchnorm turns every BatchNorm of CIM's ResNet enhancer into a SyncBatchNorm holding the same
+    weights (at world > 1, on GPUs); a world of one is left alone, and CPU ranks get the fix in one sentence."""
+    from mimkit.config import load_config
+    from mimkit.engine.parallel import sync_batchnorm
+    from mimkit.methods import build_method
+    torch.manual_seed(0)
+    method = build_method(load_config(REPO / "configs/cim-respix_resnet-mini_fmnist-tiny.yaml",
+                                      ["train.sync_batchnorm=true", "method.generator=mae"]), 1)
+    norms = {n: m.weight for n, m in method.named_modules() if isinstance(m, torch.nn.BatchNorm2d)}
+    assert len(norms) > 10
+    assert sync_batchnorm(method, 1, torch.device("cuda")) == 0
+    with pytest.raises(ValueError, match="train.sync_batchnorm needs GPUs"):
+        sync_batchnorm(method, 2, torch.device("cpu"))
+    assert sync_batchnorm(method, 2, torch.device("cuda")) == len(norms)      # converting needs no GPU, syncing does
+    synced = dict(method.named_modules())
+    for name, weight in norms.items():
+        assert isinstance(synced[name], torch.nn.SyncBatchNorm) and synced[name].weight is weight, name

@@ -1,6 +1,6 @@
 """Segmentation transfer (issue 25): scores against a hand-made confusion matrix, the pyramid's maps from the blocks
 the recipe names, ADE20K's label shift, bad segmentation data, a tiny run whose mIoU rises above the all-background
-baseline, exact resume, and the ViT-B ADE20K recipe running two iterations at 512x512."""
+baseline, exact resume, and the ViT-B ADE20K recipe running an iteration at 512x512."""
 import json
 
 import numpy as np
@@ -187,7 +187,7 @@ def test_resume_of_a_segmentation_run_reproduces_the_uninterrupted_losses(canvas
     assert all(abs(full[s] - cut[s]) < 1e-5 for s in full), (full, cut)
 
 
-def test_the_vit_b_ade20k_recipe_runs_two_iterations_at_512(capsys, tmp_path):
+def test_the_vit_b_ade20k_recipe_runs_an_iteration_at_512(capsys, tmp_path):
     root = tmp_path / "ade-like"
     rng = np.random.default_rng(0)
     (root).mkdir()
@@ -203,10 +203,11 @@ def test_the_vit_b_ade20k_recipe_runs_two_iterations_at_512(capsys, tmp_path):
     params = count_parameters(model)
     assert params["encoder"] == 85_798_656 and params["head"] > 10_000_000
     train, out = SegmentationFolder(root, "train"), tmp_path / "run"
-    # stopped after two iterations as a crash would: no evaluation (two more UperNet passes at 512 px on the CPU)
-    assert train_segmenter(model, train, train, train.mean, train.std, cfg, out, stop_after=2, quiet=True)["steps"] == 2
+    # stopped after one iteration as a crash would: no evaluation (UperNet at 512 px costs minutes on the CPU; the
+    # resume and the loss falling are tested on the tiny recipe)
+    assert train_segmenter(model, train, train, train.mean, train.std, cfg, out, stop_after=1, quiet=True)["steps"] == 1
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [1, 2] and all(np.isfinite(r["loss"]) for r in rows)
+    assert [r["step"] for r in rows] == [1] and np.isfinite(rows[0]["loss"])
     assert (out / "last.pt").is_file()
 
 

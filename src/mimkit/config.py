@@ -94,6 +94,7 @@ class TrainConfig:
     compile: bool = False
     parallel: str = "ddp"                   # ddp (flat gradient all-reduce) | fsdp (FSDP2; engine/parallel.py)
     reshard_after_forward: bool = True      # fsdp: false keeps gathered blocks from forward to backward (ZeRO-2-like)
+    sync_batchnorm: bool = False            # BatchNorm statistics over the global batch (torch's SyncBatchNorm, GPUs)
     activation_checkpointing: int | bool = False   # true: recompute every block's activations in the backward;
                                                    # N: the first N blocks of each stack (engine/activations.py)
     seed: int = 0

@@ -200,8 +200,9 @@ def format_table(name: str, batch: int, result: dict) -> str:
     lines += [f"| {r['parallel']} | {'yes' if r['checkpointing'] else 'no'} | {r['parameters']:.2f} | "
               f"{r['gradients']:.2f} | {r['optimizer']:.2f} | {r['activations']:.2f} | {r['total']:.2f} |"
               for r in result["memory"]]
-    lines += ["", "| mode | images/s | step (ms) | achieved TFLOP/s | share of peak | peak memory (GiB) | warm-up (s) |",
-              "|---|---|---|---|---|---|---|"]
+    if result["modes"]:                 # --modes none: the estimates only
+        lines += ["", "| mode | images/s | step (ms) | achieved TFLOP/s | share of peak | peak memory (GiB) | warm-up (s) |",
+                  "|---|---|---|---|---|---|---|"]
     for m in result["modes"]:
         share = f"{100 * m['share_of_peak']:.1f} %" if m["share_of_peak"] is not None else "n/a (peak unknown)"
         memory = f"{m['peak_gib']:.2f}" if m["peak_gib"] is not None else "n/a (CPU)"

@@ -93,3 +93,23 @@ def _by_position(method: nn.Module, optimizer: torch.optim.Optimizer, state: dic
     index = {name: i for i, name in enumerate(_names_in_order(method, optimizer))}
     return {"state": {index[name]: value for name, value in state["state"].items()},
             "param_groups": [{**group, "params": [index[n] for n in group["params"]]} for group in state["param_groups"]]}
+
+
+def sync_batchnorm(method: nn.Module, world_size: int, device: torch.device) -> int:
+    """`train.sync_batchnorm`: every BatchNorm of the trained parts computes its statistics over the global batch
+    (torch's SyncBatchNorm; the weights are the same Parameter objects); returns how many were converted. torch
+    syncs only on GPUs, so a multi-process CPU run is refused with the fix."""
+    if world_size == 1:
+        return 0
+    if device.type == "cpu":
+        raise ValueError("train.sync_batchnorm needs GPUs (torch's SyncBatchNorm does not sync on the CPU); drop it "
+                         "for a CPU run")
+    frozen = set(getattr(method, "frozen_parts", ()))
+    converted = 0
+    for name, part in method.named_children():
+        if name in frozen:
+            continue
+        before = sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in part.modules())
+        setattr(method, name, nn.SyncBatchNorm.convert_sync_batchnorm(part))
+        converted += before
+    return converted

@@ -32,7 +32,7 @@ from mimkit.engine.activations import checkpoint_blocks
 from mimkit.engine.checkpoint import (CheckpointError, find_resume_checkpoint, frozen_sources, is_run_checkpoint,
                                       load_checkpoint, save_atomic, state_dict_of, verify_frozen_sources)
 from mimkit.engine.logging import MetricsLog, read_metrics, save_loss_curves, save_rows_grid
-from mimkit.engine.parallel import full_state, is_sharded, load_optimizers, shard_method, whole
+from mimkit.engine.parallel import full_state, is_sharded, load_optimizers, shard_method, sync_batchnorm, whole
 from mimkit.methods import build_method
 
 
@@ -120,6 +120,9 @@ class Trainer:
                 for name, p in self.method.named_parameters():
                     p.requires_grad_(name in trainable)
         D.broadcast_module(self.method)
+        if t.sync_batchnorm:
+            synced = sync_batchnorm(self.method, self.dist.world_size, self.device)
+            self._print(f"sync_batchnorm: {synced} BatchNorm layers compute their statistics over all ranks")
         self.sharded = t.parallel == "fsdp" and self.dist.world_size > 1
         if self.sharded:
             if ckpt is not None:      # whole weights go in before sharding; the optimisers follow in _restore
