@@ -66,9 +66,10 @@ def test_the_slurm_and_gpu_scripts_parse_and_the_slurm_job_resumes_and_requeues(
     assert "--resume" in launch
 
 
-PICO_MAE = ["--config", str(REPO / "configs/mae_vit-mini_fmnist-tiny.yaml"), "--device", "cpu", "model.size=pico",
-            "method.decoder_dim=32", "method.decoder_depth=1", "data.num_workers=0", "train.log_every=1",
-            "optim.clip_grad=1.0", "model.drop_path=0.1", "train.ckpt_every=5", "train.keep_every=5"]
+PICO = ["--device", "cpu", "model.size=pico", "data.num_workers=0", "train.log_every=1", "optim.clip_grad=1.0",
+        "model.drop_path=0.1", "train.ckpt_every=5", "train.keep_every=5"]
+PICO_MAE = ["--config", str(REPO / "configs/mae_vit-mini_fmnist-tiny.yaml"), *PICO, "method.decoder_dim=32",
+            "method.decoder_depth=1"]
 
 
 def _pretrain_argv(out, steps, world, *extra):
@@ -141,30 +142,88 @@ def test_a_run_is_the_same_run_at_world_1_and_2_under_ddp_and_fsdp_and_across_a_
     _same_run(*_losses_and_weights(grown), ref_losses, ref)
 
 
-def test_gan_mae_with_its_shared_backbone_is_the_same_run_at_world_1_and_2(tmp_path, fmnist_small):
-    """GAN-MAE (two stages, one backbone shared by generator and discriminator) at world 2 under ddp equals the
-    world-1 run at the same global batch: every stage's losses and the final weights to 1e-5 over 10 steps."""
-    data = ["--data", f"idx:{fmnist_small}", *PICO_MAE, "method.name=gan_mae", "method.decoder_heads=2"]
+def test_gan_mae_with_its_shared_backbone_is_the_same_run_at_world_1_and_2_under_ddp_and_fsdp(tmp_path, fmnist_small):
+    """GAN-MAE (two stages, one backbone shared by generator and discriminator, D called with detached weights for
+    L_adv) at world 2 under ddp and fsdp equals the world-1 run at the same global batch: every stage's losses, the
+    online k-NN probe (under fsdp: gathered, probed by rank 0) and the final weights, to 1e-5 over 10 steps."""
+    data = ["--data", f"idx:{fmnist_small}", *PICO_MAE, "method.name=gan_mae", "method.decoder_heads=2",
+            "train.online_probe=knn", "train.probe_every=5", "train.probe_train=300", "train.probe_test=200"]
     _finished(_pretrain_argv(tmp_path / "one", 10, 1, *data))
-    _finished(_pretrain_argv(tmp_path / "two", 10, 2, *data))
+    _finished(_pretrain_argv(tmp_path / "ddp", 10, 2, *data))
+    _finished(_pretrain_argv(tmp_path / "fsdp", 10, 2, *data, "train.parallel=fsdp"))
     rows = {}
-    for name in ("one", "two"):
+    for name in ("one", "ddp", "fsdp"):
         rows[name] = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
-    keys = [k for k in rows["one"][0] if "loss" in k or k.startswith("discriminator/acc")]
-    assert "generator/loss_adv" in keys and "discriminator/loss" in keys
-    for a, b in zip(rows["one"], rows["two"], strict=True):
-        for key in keys:
-            assert b[key] == pytest.approx(a[key], abs=1e-5), (a["step"], key)
-    _same_run(*_losses_and_weights(tmp_path / "two"), *_losses_and_weights(tmp_path / "one"))
+    keys = {k for row in rows["one"] for k in row if "loss" in k or k.startswith("discriminator/acc")
+            or k == "probe/knn_top1"}
+    assert {"generator/loss_adv", "discriminator/loss", "probe/knn_top1"} <= keys
+    assert [r["step"] for r in rows["one"] if "probe/knn_top1" in r] == [0, 5, 10]
+    for other in ("ddp", "fsdp"):
+        for a, b in zip(rows["one"], rows[other], strict=True):
+            for key in keys & a.keys():
+                assert b[key] == pytest.approx(a[key], abs=1e-5), (other, a["step"], key)
+        _same_run(*_losses_and_weights(tmp_path / other), *_losses_and_weights(tmp_path / "one"))
 
 
-def test_fsdp_is_refused_where_it_is_not_built_yet():
+def test_cim_with_a_frozen_tokenizer_and_shared_layers_is_the_same_run_under_fsdp_at_world_2(tmp_path, fmnist_small,
+                                                                                             tiny_tokenizer):
+    """CIM with a frozen d-VAE tokenizer and layers shared by generator and enhancer (one fsdp unit): fsdp at world 2
+    equals world 1; the tokenizer is in no optimiser state and no checkpoint weight (it is reloaded from its file).
+    (CAE's token run under fsdp at world 2: the next test.)"""
+    for recipe in ("cim-respix_vit-mini_fmnist-tiny.yaml",):
+        data = ["--data", f"idx:{fmnist_small}", "--config", str(REPO / "configs" / recipe), *PICO,
+                f"tokenizer.path={tiny_tokenizer}"]
+        one, two = tmp_path / recipe / "one", tmp_path / recipe / "two"
+        _finished(_pretrain_argv(one, 6, 1, *data))
+        _finished(_pretrain_argv(two, 6, 2, *data, "train.parallel=fsdp"))
+        losses, ckpt = _losses_and_weights(two)
+        _same_run(losses, ckpt, *_losses_and_weights(one))
+        assert "tokenizer" in ckpt["frozen"] and not [k for k in ckpt["model"] if k.startswith("tokenizer.")]
+        named = [n for state in ckpt["optimizers"].values() for n in state["state"]]
+        assert named and not [n for n in named if n.startswith("tokenizer.")], recipe
+
+
+def _frozen_tokenizer_worker(rank: int, init_file: str, tokenizer: str, out_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    from mimkit.config import load_config
+    from mimkit.engine.parallel import shard_method
+    from mimkit.methods import build_method
+    torch.manual_seed(0)
+    method = build_method(load_config(REPO / "configs/cae_vit-mini_fmnist-tiny.yaml",
+                                      ["model.size=pico", f"tokenizer.path={tokenizer}"]), 1)
+    method.load_initial_weights()
+    method.set_pixel_stats(torch.full((1, 1, 1, 1), 0.3), torch.full((1, 1, 1, 1), 0.35))
+    before = {k: v.clone() for k, v in method.tokenizer.state_dict().items()}
+    shard_method(method)
+    method(torch.randn(4, 1, 28, 28))["loss"].backward()
+    grads = {n: p.grad is not None for n, p in method.named_parameters()}
+    trained = {id(p) for named in method.optim_groups().values() for _, p in named}
+    in_optimiser = [n for n, p in method.named_parameters() if n.startswith("tokenizer.") and id(p) in trained]
+    after = get_model_state_dict(method, options=StateDictOptions(full_state_dict=True))
+    unchanged = all(torch.equal(after[f"tokenizer.{k}"], v) for k, v in before.items())
+    torch.save({"grads": grads, "in_optimiser": in_optimiser, "unchanged": unchanged}, f"{out_dir}/frozen{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_a_frozen_tokenizer_under_fsdp_gets_no_gradient_and_no_optimiser_state(tmp_path, tiny_tokenizer):
+    """CAE's token run sharded at world 2: a forward and backward leave the d-VAE without gradients, outside the
+    optimiser groups and unchanged, while the encoder gets its gradients."""
+    mp.spawn(_frozen_tokenizer_worker, args=(str(tmp_path / "init"), str(tiny_tokenizer), str(tmp_path)), nprocs=2)
+    for rank in range(2):
+        found = torch.load(tmp_path / f"frozen{rank}.pt")
+        tokenizer = {n: g for n, g in found["grads"].items() if n.startswith("tokenizer.")}
+        assert tokenizer and not any(tokenizer.values())
+        assert any(g for n, g in found["grads"].items() if n.startswith("encoder."))     # the rest did train
+        assert found["in_optimiser"] == [] and found["unchanged"]
+
+
+def test_train_parallel_takes_ddp_or_fsdp_for_every_method():
     from mimkit.config import ConfigError, load_config
-    with pytest.raises(ConfigError, match="built for mae and simmim so far, not vision_electra"):
-        load_config(REPO / "configs/vision-electra_vit-mini_fmnist-tiny.yaml", ["train.parallel=fsdp"])
-    with pytest.raises(ConfigError, match="online_probe does not run under train.parallel=fsdp"):
-        load_config(REPO / "configs/mae_vit-mini_fmnist-tiny.yaml", ["train.parallel=fsdp", "train.online_probe=knn"])
-    with pytest.raises(ConfigError, match="train.parallel"):
+    for recipe in ("vision-electra_vit-mini_fmnist-tiny.yaml", "perceptual-mae-lsgan-p_vit-mini_fmnist-tiny.yaml"):
+        assert load_config(REPO / "configs" / recipe, ["train.parallel=fsdp"]).train.parallel == "fsdp"
+    with pytest.raises(ConfigError, match="train.parallel='zero3' is out of range: it must be ddp or fsdp"):
         load_config(REPO / "configs/mae_vit-mini_fmnist-tiny.yaml", ["train.parallel=zero3"])
 
 

@@ -275,9 +275,6 @@ def _check(ok: bool, key: str, value, rule: str) -> None:
         raise ConfigError(f"{key}={value!r} is out of range: it must be {rule}")
 
 
-FSDP_METHODS = ("mae", "simmim")   # train.parallel=fsdp is built for these (engine/parallel.py says why)
-
-
 def validate_values(cfg: Config) -> None:
     """Range checks of every value whose type alone does not make it valid; one sentence per problem."""
     m, d, o, t = cfg.model, cfg.data, cfg.optim, cfg.train
@@ -362,14 +359,6 @@ def validate_values(cfg: Config) -> None:
     _check(t.nan_patience >= 1, "train.nan_patience", t.nan_patience, "at least 1")
     _check(t.parallel in ("ddp", "fsdp"), "train.parallel", t.parallel, "ddp or fsdp")
     _check(t.randomness in ("keyed", "stream"), "train.randomness", t.randomness, "keyed or stream")
-    if t.parallel == "fsdp":
-        name = cfg.method.get("name", "mae")
-        if name not in FSDP_METHODS:
-            raise ConfigError(f"train.parallel=fsdp is built for {' and '.join(FSDP_METHODS)} so far, not {name}; "
-                              f"use train.parallel=ddp")
-        if t.online_probe:
-            raise ConfigError("train.online_probe does not run under train.parallel=fsdp yet; probe the checkpoints "
-                              "with 'mimkit eval knn' or use train.parallel=ddp")
     _check(isinstance(t.activation_checkpointing, bool) or t.activation_checkpointing >= 1,
            "train.activation_checkpointing", t.activation_checkpointing, "true, false or a number of blocks (1 or more)")
     probes = [p.strip() for p in (t.online_probe or "").split(",") if p.strip()]

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.func import functional_call
 
 from mimkit.backbones import SwinBackbone, ViTBackbone
 
@@ -72,9 +71,37 @@ class HierarchicalDiscriminator(nn.Module):
         return patch_logits, image_logits
 
 
-def forward_frozen(discriminator: nn.Module, images: torch.Tensor):
+def forward_frozen(discriminator: nn.Module, *inputs):
     """The discriminator's output with every parameter detached: gradients reach the images (the generator)
-    only, never D's weights, even where D shares its backbone with the generator."""
-    frozen = {n: p.detach() for n, p in discriminator.named_parameters()}
-    frozen.update(dict(discriminator.named_buffers()))
-    return functional_call(discriminator, frozen, (images,))
+    only, never D's weights, even where D shares its backbone with the generator.
+
+    Every parameter of D is replaced by a detached copy (the same storage) for the call, and again as each
+    submodule that owns parameters starts to run (a forward pre-hook): under FSDP2 a block's own pre-forward hook
+    puts its gathered parameters in place just before, which a swap made only before the call (as
+    torch.func.functional_call's) would leave in the graph. Each swap is undone only where the copy is still in
+    place, so FSDP's own later swaps stand."""
+    swapped: dict[nn.Module, dict[str, tuple[nn.Parameter, nn.Parameter]]] = {}   # module -> name -> (copy, original)
+
+    def detach(module, args=None):
+        for name, p in module._parameters.items():
+            if p is not None and p.requires_grad:
+                copy = nn.Parameter(p.detach(), requires_grad=False)
+                swapped.setdefault(module, {})[name] = copy, p
+                module._parameters[name] = copy
+
+    def restore(module, args=None, output=None):
+        for name, (copy, original) in swapped.pop(module, {}).items():
+            if module._parameters.get(name) is copy:
+                module._parameters[name] = original
+
+    owners = [m for m in discriminator.modules() if any(p is not None for p in m._parameters.values())]
+    handles = [h for m in owners for h in (m.register_forward_pre_hook(detach), m.register_forward_hook(restore))]
+    try:
+        for module in owners:
+            detach(module)
+        return discriminator(*inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module in owners:
+            restore(module)

@@ -5,12 +5,15 @@ method is the root unit. `train.reshard_after_forward=false` keeps the gathered 
 ZeRO-2-like mode, for models that fit). On CUDA with bf16 the blocks compute in bf16 and reduce in fp32
 (`MixedPrecisionPolicy`).
 
-Built so far for the single-stage pixel methods (MAE, SimMIM: `config.FSDP_METHODS`, checked when the config is
-read); the other methods call their parts' helpers outside `forward` (which FSDP2 must be told about, part by part)
-and stay on `ddp`. Checkpoints stay whole `last.pt` files
-(full state dicts gathered on every rank, written by rank 0), so export, eval and `--init` read them as before; the
-optimiser state is stored by parameter name under ddp and fsdp alike, so a run resumes under either, at any world
-size. Online probes are not run under fsdp yet.
+Every method runs under it: its parts' block stacks (encoders, decoders, discriminators, CIM's generator and
+enhancer, whose shared layers are one unit) are sharded block by block and the rest - heads, embeddings, and the
+frozen parts (tokenizers, loss networks: no gradients, never in an optimiser) - in the root unit, gathered for the
+method's forward. Discriminators called with detached weights (`discriminators.forward_frozen`) detach the gathered
+parameters as each submodule runs. GAN-MAE's adaptive gamma reads the gathered last layer inside the forward.
+Checkpoints stay whole `last.pt` files (full state dicts gathered on every rank, written by rank 0), so export,
+eval and `--init` read them as before; the optimiser state is stored by parameter name under ddp and fsdp alike, so
+a run resumes under either, at any world size. The online probe gathers the weights on every rank and rank 0 probes
+an unsharded copy of the encoder.
 """
 from __future__ import annotations
 
@@ -26,7 +29,8 @@ def shard_method(method: nn.Module, reshard_after_forward: bool = True, bf16: bo
     kwargs = {"reshard_after_forward": reshard_after_forward}
     if bf16:
         kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-    blocks = [block for stack in block_stacks(method) for block in stack]
+    # a block in two stacks (CIM's layers shared by generator and enhancer) is one unit
+    blocks = list({id(block): block for stack in block_stacks(method) for block in stack}.values())
     for block in blocks:
         fully_shard(block, **kwargs)
     fully_shard(method, **kwargs)

@@ -7,6 +7,7 @@ and counted. A method with several stages logs each loss part and gradient norm 
 """
 from __future__ import annotations
 
+import copy
 import math
 import sys
 import time
@@ -127,6 +128,9 @@ class Trainer:
         if self.sharded:
             if ckpt is not None:      # whole weights go in before sharding; the optimisers follow in _restore
                 self.method.load_run_state(ckpt["model"])
+            if t.online_probe and self.dist.is_main:   # the probe reads an unsharded copy, refreshed at each probe
+                self.probe_encoder = copy.deepcopy(self.method.encoder.model)
+                self.probe_prefix = next(f"{n}." for n, m in self.method.named_modules() if m is self.method.encoder.model)
             cuda_bf16 = self.device.type == "cuda" and t.precision in ("auto", "bf16")
             blocks = shard_method(self.method, t.reshard_after_forward, cuda_bf16)
             self._print(f"fsdp: {blocks} blocks and the rest of the method sharded over {self.dist.world_size} ranks")
@@ -327,8 +331,11 @@ class Trainer:
         last_row: dict = {}
         tick, images_seen = time.perf_counter(), 0
         self.method.train()
-        if self.probe is not None and self.start_step == 0 and log is not None:   # the encoder before training
-            log.write({"step": 0, **self._online_probe(0)})
+        probing = self.probe is not None or (self.sharded and bool(t.online_probe))   # sharded: every rank gathers
+        if probing and self.start_step == 0:                              # the encoder before training
+            row = self._online_probe(0)
+            if log is not None:
+                log.write({"step": 0, **row})
         for step in range(self.start_step, self.total_steps):
             micro = [next(batches) for _ in range(t.accum_steps)]
             images = [self._prepare(m) for m in micro]
@@ -340,7 +347,7 @@ class Trainer:
             step_done = step + 1
             images_seen += sum(x.shape[0] for x in images) * self.dist.world_size
             bar.update(1)
-            probe_due = self.probe is not None and (step_done % t.probe_every == 0 or step_done == self.total_steps)
+            probe_due = probing and (step_done % t.probe_every == 0 or step_done == self.total_steps)
             if step_done % t.log_every == 0 or step_done == self.total_steps:
                 last_row = self._log_row(step_done, running, counts)     # syncs: the timing below is the device's
                 elapsed = time.perf_counter() - tick
@@ -489,7 +496,15 @@ class Trainer:
         self.max_streak = torch.maximum(self.max_streak, self.streak)
 
     def _online_probe(self, step: int) -> dict:
-        row = self.probe(self.method.encoder.model)
+        encoder = self.method.encoder.model
+        if self.sharded:                  # gathered whole on every rank (a collective); rank 0 probes its copy
+            weights = full_state(self.method, {})[0]
+            if self.probe is None:
+                return {"probe/seconds": 0.0}
+            n = len(self.probe_prefix)
+            self.probe_encoder.load_state_dict({k[n:]: v for k, v in weights.items() if k.startswith(self.probe_prefix)})
+            encoder = self.probe_encoder
+        row = self.probe(encoder)
         self.method.train()
         if not self.quiet:
             shown = ", ".join(f"{k.split('/')[1].replace('_top1', '')} {v:.2f}%" for k, v in row.items()
