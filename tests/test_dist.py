@@ -88,7 +88,7 @@ def _finished(argv):
 
 def _losses_and_weights(out):
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return [r["loss"] for r in rows if "loss" in r], load_checkpoint(out / "last.pt")
+    return [r["loss"] for r in rows if "loss" in r], load_checkpoint(out / "last.pt" if (out / "last.pt").exists() else out)
 
 
 def _same_run(losses, ckpt, ref_losses, ref):
@@ -101,8 +101,8 @@ def _same_run(losses, ckpt, ref_losses, ref):
 def test_a_run_is_the_same_run_at_world_1_and_2_under_ddp_and_fsdp_and_across_a_kill(tmp_path, fmnist_small):
     """Keyed draws (masks and drop path from each image's place in the global order) make MAE at world 2 (ddp or
     fsdp, 16 images per rank) the world-1 run at the same global batch of 32: losses and final weights to 1e-5. A
-    world-2 run killed with SIGKILL after step 7 resumes from its step-5 checkpoint at world 1 and reproduces the
-    uninterrupted run; the world-1 run's step-5 checkpoint resumes at world 2 under fsdp (optimiser state by name)
+    world-2 fsdp run saving DCP checkpoints, killed with SIGKILL after step 7, resumes from its sharded step-5
+    directory at world 1 (resharded as read) and reproduces the uninterrupted run; the world-1 run's step-5 checkpoint resumes at world 2 under fsdp (optimiser state by name)
     and does too."""
     data = ["--data", f"idx:{fmnist_small}", *PICO_MAE]
     _finished(_pretrain_argv(tmp_path / "ref", 10, 1, *data))
@@ -110,7 +110,7 @@ def test_a_run_is_the_same_run_at_world_1_and_2_under_ddp_and_fsdp_and_across_a_
     assert len(ref_losses) == 10
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(_pretrain_argv(killed, 10, 2, *data), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    proc = subprocess.Popen(_pretrain_argv(killed, 10, 2, *data, "train.parallel=fsdp", "train.checkpoint=dcp"), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             env=dict(os.environ, OMP_NUM_THREADS="1"), start_new_session=True)
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
@@ -121,7 +121,9 @@ def test_a_run_is_the_same_run_at_world_1_and_2_under_ddp_and_fsdp_and_across_a_
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the world-2 run ended before it could be killed"
-    assert load_checkpoint(killed / "last.pt")["step"] == 5 and load_checkpoint(killed / "last.pt")["world_size"] == 2
+    saved = load_checkpoint(killed)
+    assert saved["step"] == 5 and saved["world_size"] == 2 and saved["checkpoint"] == "dcp"
+    assert len(list((killed / "checkpoints/step-0000005").glob("*.distcp"))) == 2       # one file of shards per rank
     resumed = _finished(_pretrain_argv(killed, 10, 1, "--resume", "--device", "cpu"))
     assert "resuming" in resumed.stdout and "global batch 32" in resumed.stdout
     _same_run(*_losses_and_weights(killed), ref_losses, ref)

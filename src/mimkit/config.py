@@ -101,7 +101,9 @@ class TrainConfig:
     randomness: str = "keyed"               # keyed: masks, noise, drop path drawn from each image's key (the same
                                             # run at any world size; keyed_random.py) | stream: each rank's torch RNG
     log_every: int = 10
-    ckpt_every: int = 500                   # RUN/last.pt
+    ckpt_every: int = 500                   # RUN/last.pt (or, train.checkpoint=dcp, a step directory)
+    checkpoint: str = "whole"               # whole: one RUN/last.pt | dcp: sharded step directories and RUN/latest
+    async_checkpoint: bool = False          # dcp: write while training goes on (dcp.async_save)
     keep_every: int = 0                     # RUN/checkpoint-STEP.pt every N steps; 0 = none (last.pt only)
     sample_every: int = 500                 # RUN/samples/step-STEP.png; 0 = never
     nan_patience: int = 20                  # stop after this many non-finite steps in a row
@@ -359,6 +361,9 @@ def validate_values(cfg: Config) -> None:
     _check(t.nan_patience >= 1, "train.nan_patience", t.nan_patience, "at least 1")
     _check(t.parallel in ("ddp", "fsdp"), "train.parallel", t.parallel, "ddp or fsdp")
     _check(t.randomness in ("keyed", "stream"), "train.randomness", t.randomness, "keyed or stream")
+    _check(t.checkpoint in ("whole", "dcp"), "train.checkpoint", t.checkpoint, "whole or dcp")
+    _check(not t.async_checkpoint or t.checkpoint == "dcp", "train.async_checkpoint", t.async_checkpoint,
+           "false unless train.checkpoint=dcp")
     _check(isinstance(t.activation_checkpointing, bool) or t.activation_checkpointing >= 1,
            "train.activation_checkpointing", t.activation_checkpointing, "true, false or a number of blocks (1 or more)")
     probes = [p.strip() for p in (t.online_probe or "").split(",") if p.strip()]

@@ -5,7 +5,10 @@ import argparse
 import errno
 import hashlib
 import os
+import pickle
+import warnings
 import zipfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -51,8 +54,13 @@ def save_atomic(obj, path: str | Path, raw: bool = False) -> None:
 
 def load_checkpoint(path: str | Path) -> dict:
     """A checkpoint file as a dict, loaded with weights_only=True (argparse.Namespace allowed, as in
-    the official MAE/SimMIM training checkpoints); `.safetensors` files as their state dict."""
+    the official MAE/SimMIM training checkpoints); `.safetensors` files as their state dict; a DCP run (RUN, or one
+    of its step directories) as its plain state with the whole weights under "model"."""
     path = Path(path)
+    if path.name == DCP_POINTER and path.is_file():   # RUN/latest
+        path = path.parent
+    if is_dcp_checkpoint(path):                       # a run saved with train.checkpoint=dcp: RUN or a step directory
+        return load_dcp_whole(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist; check the path (a run's checkpoint is RUN/last.pt)")
     if path.suffix == ".safetensors":                 # a `mimkit export` (timm keys) or any safetensors state dict
@@ -75,7 +83,19 @@ def load_checkpoint(path: str | Path) -> dict:
 
 def find_resume_checkpoint(run: Path, warn=print) -> tuple[Path, dict] | None:
     """RUN/last.pt, or when it can't be read (torn by a crash or a full disk) the newest readable
-    RUN/checkpoint-STEP.pt, with a warning: (path, checkpoint); None when the run has no checkpoint at all."""
+    RUN/checkpoint-STEP.pt, with a warning: (path, checkpoint); None when the run has no checkpoint at all. A run
+    saved with train.checkpoint=dcp: (the step directory RUN/latest points at, its plain state without weights),
+    unless a whole checkpoint of a later step exists."""
+    directory = latest_dcp_dir(run)
+    whole = _find_whole_checkpoint(run, warn)
+    if directory is not None:
+        meta = load_checkpoint(directory / DCP_META)
+        if whole is None or whole[1].get("step", 0) <= meta.get("step", 0):
+            return directory, meta
+    return whole
+
+
+def _find_whole_checkpoint(run: Path, warn) -> tuple[Path, dict] | None:
     candidates = [run / "last.pt"] + sorted(run.glob("checkpoint-*.pt"), reverse=True)
     existing = [p for p in candidates if p.is_file()]
     for path in existing:
@@ -134,3 +154,93 @@ def state_dict_of(obj: dict) -> dict:
         if isinstance(obj.get(key), dict):
             return obj[key]
     return obj
+
+
+# ------------------------------------------------------------------ reading DCP checkpoints (train.checkpoint=dcp)
+DCP_POINTER = "latest"      # RUN/latest: the newest complete DCP step directory (engine/distributed_checkpoint.py)
+DCP_META = "meta.pt"
+
+
+def latest_dcp_dir(run: Path) -> Path | None:
+    """The step directory RUN/latest points at, None when the run has none."""
+    pointer = run / DCP_POINTER
+    if not pointer.is_file():
+        return None
+    target = run / pointer.read_text().strip()
+    if not (target / DCP_META).is_file():
+        raise CheckpointError(f"{pointer} points at {target}, which holds no complete checkpoint; restore the "
+                              f"directory or remove {pointer} to resume from last.pt")
+    return target
+
+
+def is_dcp_checkpoint(path: Path) -> bool:
+    return path.is_dir() and ((path / DCP_META).is_file() or (path / DCP_POINTER).is_file())
+
+
+def resolve_dcp(path: Path) -> Path:
+    """RUN, RUN/latest or a step directory -> the step directory."""
+    if (path / DCP_META).is_file():
+        return path
+    found = latest_dcp_dir(path)
+    if found is None:
+        raise CheckpointError(f"{path} holds no DCP checkpoint (no {DCP_POINTER} pointer, no {DCP_META}); give "
+                              f"RUN/last.pt or a run written with train.checkpoint=dcp")
+    return found
+
+
+class _SafeUnpickler(pickle.Unpickler):
+    """Builds DCP's metadata dataclasses, torch sizes, dtypes and layouts, paths and plain containers; nothing else."""
+    MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem")
+    TORCH = {"Size", "device", "memory_format", "layout"}
+    OTHERS = {("collections", "OrderedDict"), ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"),
+              ("pathlib", "WindowsPath"), ("pathlib", "PureWindowsPath"), ("torch.serialization", "_get_layout")}
+
+    def find_class(self, module: str, name: str):
+        if module in self.MODULES or (module, name) in self.OTHERS:
+            return super().find_class(module, name)
+        if module == "torch" and (name in self.TORCH or isinstance(getattr(torch, name, None), torch.dtype)):
+            return getattr(torch, name)
+        if module == "builtins" and name in ("set", "frozenset", "slice", "getattr"):
+            return super().find_class(module, name)
+        raise CheckpointError(f"the DCP index holds {module}.{name}, which a checkpoint has no reason to hold; "
+                              f"it is not loaded")
+
+
+@contextmanager
+def single_process_quiet():
+    """DCP warns on each call without a process group that it assumes one process: mimkit means it."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
+
+
+def dcp_reader(directory: Path):
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    class SafeReader(FileSystemReader):
+        def read_metadata(self, *args, **kwargs):
+            with open(directory / ".metadata", "rb") as f:
+                metadata = _SafeUnpickler(f).load()
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+    return SafeReader(str(directory))
+
+
+def load_dcp_whole(path: Path) -> dict:
+    """A DCP run checkpoint (RUN, RUN/latest or a step directory) as one dict like `last.pt`'s: the plain state and
+    the whole trained weights under "model" (no optimiser state), on the CPU, without a process group."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+    directory = resolve_dcp(Path(path))
+    meta = load_checkpoint(directory / DCP_META)
+    reader = dcp_reader(directory)
+    index = reader.read_metadata().state_dict_metadata
+    model = {key[len("model."):]: torch.empty(item.size, dtype=item.properties.dtype)
+             for key, item in index.items() if key.startswith("model.") and isinstance(item, TensorStorageMetadata)}
+    state = {"model": model}
+    with single_process_quiet():
+        dcp.load(state, storage_reader=reader, no_dist=True)
+    return {**meta, "model": state["model"]}

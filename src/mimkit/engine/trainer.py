@@ -30,8 +30,9 @@ from mimkit.data.batched import (BatchedCrops, EncodedCrops, decode_on_device, e
 from mimkit.data.shards import ShardStream
 from mimkit.engine import dist as D
 from mimkit.engine.activations import checkpoint_blocks
-from mimkit.engine.checkpoint import (CheckpointError, find_resume_checkpoint, frozen_sources, is_run_checkpoint,
+from mimkit.engine.checkpoint import (DCP_POINTER, CheckpointError, find_resume_checkpoint, frozen_sources, is_run_checkpoint,
                                       load_checkpoint, save_atomic, state_dict_of, verify_frozen_sources)
+from mimkit.engine.distributed_checkpoint import DistributedCheckpointer, load_into
 from mimkit.engine.logging import MetricsLog, read_metrics, save_loss_curves, save_rows_grid
 from mimkit.engine.parallel import full_state, is_sharded, load_optimizers, shard_method, sync_batchnorm, whole
 from mimkit.methods import build_method
@@ -97,7 +98,7 @@ class Trainer:
         resume_from, ckpt = found or (None, None)
         if resume and found is None:
             self._print(f"--resume: {self.out} holds no run yet (no last.pt); starting fresh")
-        elif not resume and (self.out / "last.pt").exists():
+        elif not resume and ((self.out / "last.pt").exists() or (self.out / DCP_POINTER).exists()):
             raise FileExistsError(f"{self.out} already holds a run (last.pt); pass --resume to continue it, "
                                   f"or choose another --out")
         if ckpt is not None:
@@ -126,7 +127,7 @@ class Trainer:
             self._print(f"sync_batchnorm: {synced} BatchNorm layers compute their statistics over all ranks")
         self.sharded = t.parallel == "fsdp" and self.dist.world_size > 1
         if self.sharded:
-            if ckpt is not None:      # whole weights go in before sharding; the optimisers follow in _restore
+            if ckpt is not None and "model" in ckpt:   # whole weights go in before sharding (dcp: after, sharded)
                 self.method.load_run_state(ckpt["model"])
             if t.online_probe and self.dist.is_main:   # the probe reads an unsharded copy, refreshed at each probe
                 self.probe_encoder = copy.deepcopy(self.method.encoder.model)
@@ -199,6 +200,8 @@ class Trainer:
         if self.dist.is_main and self.out.is_dir():  # a save cut short by a crash leaves only its temporary file
             for stale in self.out.glob(".*.pt.tmp*"):
                 stale.unlink(missing_ok=True)
+        self.checkpointer = DistributedCheckpointer(self.out, self.dist.is_main, t.async_checkpoint, t.keep_every) \
+            if t.checkpoint == "dcp" else None
         if ckpt is not None:
             self._restore(ckpt, resume_from)
         torch.manual_seed(t.seed + 1 + self.dist.rank)  # masks and drop-path differ across ranks
@@ -369,6 +372,8 @@ class Trainer:
                               + f" lr {last_row['lr']:.2e} img/s {last_row['img_per_s']:.0f} eta {eta}", flush=True)
                 if last_row["max_nonfinite_streak"] >= t.nan_patience:
                     self._save(step_done)
+                    if self.checkpointer is not None:
+                        self.checkpointer.finish()
                     raise TrainingDiverged(
                         f"{int(last_row['max_nonfinite_streak'])} steps in a row had a non-finite loss or gradient "
                         f"(skipped); lower the lr (optim.base_lr or optim.lr), set optim.clip_grad, or use "
@@ -392,6 +397,8 @@ class Trainer:
                 self._save(step_done)
                 break
         bar.close()
+        if self.checkpointer is not None:
+            self.checkpointer.finish()               # an async save in flight becomes current
         finished = stop_after is None or stop_after >= self.total_steps
         if finished and self.start_step < self.total_steps and (self.dist.is_main or self.sharded) and t.sample_every:
             self.save_samples(self.out / "samples" / "final.png", self.total_steps)
@@ -572,30 +579,38 @@ class Trainer:
         return state
 
     def _save(self, step: int, path: Path | None = None) -> None:
+        """RUN/last.pt (or `path`), whole; under train.checkpoint=dcp a sharded step directory instead (every rank
+        writes its shards; `path`, a keep_every copy, is then the step directory kept)."""
         rng = D.gather_objects(self._rng_state())  # every rank's RNG, so a resumed world reproduces the run
-        if self.sharded or self.dist.is_main:      # sharded: gathered whole on every rank (collectives)
-            model, optimizers = full_state(self.method, self.optimizers)
-            kept = self.method.trainable_state_dict().keys()
-            model = {k: v for k, v in model.items() if k in kept}
-        if not self.dist.is_main:
-            return
         payload = {
             "format": "mimkit-run", "version": mimkit.__version__, "step": step, "config": self.cfg.to_dict(),
             "in_chans": self.in_chans, "data_stats": {"mean": self.mean.flatten().tolist(),
                                                       "std": self.std.flatten().tolist()},
-            "model": model, "frozen": self.frozen, "parallel": "fsdp" if self.sharded else "ddp",
+            "frozen": self.frozen, "parallel": "fsdp" if self.sharded else "ddp",
             "trainable": [n for n, p in self.method.named_parameters() if p.requires_grad],
-            "optimizers": optimizers,
             "rng": rng, "world_size": self.dist.world_size,
             "counters": {"nonfinite_total": float(self.nonfinite_total), "skipped_images": self.skipped_images,
                          "train_seconds": self.train_seconds},
         }
-        save_atomic(payload, path or self.out / "last.pt")
+        if self.checkpointer is not None:
+            if path is None:
+                self.checkpointer.save(step, payload, self.method, self.optimizers, tuple(self.method.frozen_parts))
+            return
+        if self.sharded or self.dist.is_main:      # sharded: gathered whole on every rank (collectives)
+            model, optimizers = full_state(self.method, self.optimizers)
+            kept = self.method.trainable_state_dict().keys()
+            payload["model"] = {k: v for k, v in model.items() if k in kept}
+            payload["optimizers"] = optimizers
+        if self.dist.is_main:
+            save_atomic(payload, path or self.out / "last.pt")
 
     def _restore(self, ckpt: dict, path: Path) -> None:
-        if not self.sharded:                       # sharded: the weights went in before sharding
-            self.method.load_run_state(ckpt["model"])
-        load_optimizers(self.method, self.optimizers, ckpt["optimizers"])   # by name: any parallel mode, any world
+        if ckpt.get("checkpoint") == "dcp":        # sharded files, resharded to this world as they are read
+            load_into(path, self.method, self.optimizers, ckpt, tuple(self.method.frozen_parts))
+        else:
+            if not self.sharded:                   # sharded: the weights went in before sharding
+                self.method.load_run_state(ckpt["model"])
+            load_optimizers(self.method, self.optimizers, ckpt["optimizers"])   # by name: any parallel mode or world
         self.start_step = int(ckpt["step"])
         saved = ckpt["config"]
         was = saved["data"]["batch_size"] * saved["train"]["accum_steps"] * ckpt.get("world_size", 1)

@@ -1,0 +1,121 @@
+"""`train.checkpoint=dcp`: sharded checkpoints with `torch.distributed.checkpoint` (DCP).
+
+Layout of a run: `RUN/checkpoints/step-NNNNNNN/` per save - DCP's files (each rank writes its own shards of the
+trained weights and of the optimiser state, no gathering) and `meta.pt` (the run's plain state: step, config, every
+rank's RNG, counters, frozen-part hashes, the optimisers' hyperparameters; written last, atomically) - and
+`RUN/latest`, a one-line pointer to the newest complete step directory, replaced atomically only after every rank
+has finished writing. A kill during a save leaves `latest` on the previous directory, which stays loadable; the
+directories `latest` moved past are then removed (those of `train.keep_every` stay). `train.async_checkpoint` lets
+the ranks go on training while DCP writes (`dcp.async_save`; the pointer moves when the write has finished, at the
+next save or at the end of the run).
+
+Loading reshards: DCP reads whatever part of each tensor a rank needs, so a run saved at one world size resumes at
+another, under `ddp` or `fsdp`. `mimkit export`, `eval` and `--init` take RUN, RUN/latest or a step directory and
+get the whole weights (`load_whole`). DCP keeps its index (`.metadata`) as a pickle; it is read with an unpickler
+that builds only DCP's own metadata classes and torch's sizes and dtypes, so no code in a checkpoint can run (the
+`weights_only` rule).
+"""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from mimkit.engine.checkpoint import (DCP_META, DCP_POINTER, dcp_reader, latest_dcp_dir, save_atomic,
+                                      single_process_quiet)
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def _trained_state(method: nn.Module, optimizers: dict, frozen: tuple[str, ...]) -> tuple[dict, dict, dict]:
+    """(model state without the frozen parts, {group: optimiser tensor state}, {group: param_groups}), sharded as the
+    method is; an optimiser that has not stepped is left out (DCP's getter would step it with zero gradients)."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+    prefixes = tuple(f"{name}." for name in frozen)
+    model = {k: v for k, v in get_model_state_dict(method).items() if not (prefixes and k.startswith(prefixes))}
+    states, groups = {}, {}
+    for g, opt in optimizers.items():
+        if opt.state:
+            full = get_optimizer_state_dict(method, opt)
+            states[g], groups[g] = full["state"], full["param_groups"]
+    return model, states, groups
+
+
+class DistributedCheckpointer:
+    """Saves and loads a run's sharded checkpoints (the module docstring has the layout)."""
+
+    def __init__(self, run: Path, is_main: bool, asynchronous: bool = False, keep_every: int = 0):
+        self.run, self.is_main, self.asynchronous, self.keep_every = run, is_main, asynchronous, keep_every
+        self.pending = None          # (future, directory, meta) of an async save not yet made current
+
+    def save(self, step: int, meta: dict, method: nn.Module, optimizers: dict, frozen: tuple[str, ...]) -> None:
+        """Every rank calls it (a collective)."""
+        import torch.distributed.checkpoint as dcp
+        self.finish()
+        directory = self.run / "checkpoints" / f"step-{step:07d}"
+        current = latest_dcp_dir(self.run) if (self.run / DCP_POINTER).is_file() else None
+        if current == directory:          # this step is already the complete latest (a stop right after a resume)
+            return
+        if self.is_main and directory.exists():   # left by a save that was killed: never pointed at
+            shutil.rmtree(directory)
+        self._barrier()
+        model, states, groups = _trained_state(method, optimizers, frozen)
+        meta = {**meta, "param_groups": groups, "checkpoint": "dcp"}
+        state = {"model": model, "optim": states}
+        single = not _distributed()
+        with single_process_quiet():
+            if self.asynchronous:      # the state is staged (copied to the CPU) before it returns; the write goes on
+                response = dcp.async_save(state, checkpoint_id=str(directory), no_dist=single)
+                self.pending = (getattr(response, "upload_completion", response), directory, meta)
+            else:
+                dcp.save(state, checkpoint_id=str(directory), no_dist=single)
+        if not self.asynchronous:
+            self._make_current(directory, meta)
+
+    def finish(self) -> None:
+        """Waits for an async save and makes it current (every rank calls it)."""
+        if self.pending is not None:
+            future, directory, meta = self.pending
+            self.pending = None
+            future.result()
+            self._make_current(directory, meta)
+
+    def _make_current(self, directory: Path, meta: dict) -> None:
+        self._barrier()                                   # every rank's shards are on disk
+        if self.is_main:
+            save_atomic(meta, directory / DCP_META)
+            previous = latest_dcp_dir(self.run) if (self.run / DCP_POINTER).is_file() else None
+            save_atomic(str(directory.relative_to(self.run)).encode() + b"\n", self.run / DCP_POINTER, raw=True)
+            if previous is not None and previous != directory and not self._kept(previous):
+                shutil.rmtree(previous, ignore_errors=True)
+        self._barrier()
+
+    def _kept(self, directory: Path) -> bool:
+        step = int(directory.name.split("-")[1])
+        return bool(self.keep_every) and step % self.keep_every == 0
+
+    @staticmethod
+    def _barrier() -> None:
+        if _distributed():
+            torch.distributed.barrier()
+
+
+def load_into(directory: Path, method: nn.Module, optimizers: dict, meta: dict, frozen: tuple[str, ...]) -> None:
+    """The step directory's weights and optimiser state into `method` and `optimizers` (sharded or not), resharded
+    to this world size (every rank calls it)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
+                                                         set_model_state_dict, set_optimizer_state_dict)
+    model, _, _ = _trained_state(method, {}, frozen)
+    saved_groups = meta["param_groups"]
+    states = {g: get_optimizer_state_dict(method, optimizers[g])["state"] for g in saved_groups}
+    state = {"model": model, "optim": states}
+    with single_process_quiet():
+        dcp.load(state, storage_reader=dcp_reader(directory), no_dist=not _distributed())
+    set_model_state_dict(method, state["model"], options=StateDictOptions(strict=False))
+    for g, groups in saved_groups.items():
+        set_optimizer_state_dict(method, optimizers[g], {"state": state["optim"][g], "param_groups": groups})
