@@ -30,6 +30,11 @@ def test_a_dcp_run_resumes_exactly_and_export_and_init_read_it(fmnist_small, tmp
         assert torch.allclose(whole["model"][key], value, atol=1e-6), key
     assert load_checkpoint(run / "latest")["step"] == 6 == load_checkpoint(run / "checkpoints/step-0000006")["step"]
     assert_export_is_the_result(run, tmp_path / "export")
+    data = ["--data", f"idx:{fmnist_small}"]
+    assert main(["eval", "knn", "--ckpt", str(run), *data]) == 0
+    assert main(["eval", "report", str(run), "--protocols", "knn", "--train-limit", "300", "--test-limit", "100",
+                 "--severities", "5", "--out", str(tmp_path / "rep"), *data]) == 0
+    assert "mae cut (step 6)" in (tmp_path / "rep" / "report.md").read_text()
     assert main(["pretrain", "--config", str(run / "config.yaml"), "--out", str(tmp_path / "init"), "--init",
                  str(run), "--steps", "1", "--device", "cpu", "train.checkpoint=whole"]) == 0
 

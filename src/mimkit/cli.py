@@ -56,7 +56,7 @@ def severities(text: str) -> str:
 
 def _add_dense_args(p, data_help: str, recipe_example: str, out_default: str) -> None:
     """The options `eval segment` and `eval detect` share: the encoder (as for the probes), data, recipe, run folder."""
-    p.add_argument("--ckpt", help="RUN/last.pt or an export (.safetensors)")
+    p.add_argument("--ckpt", help="RUN/last.pt (a train.checkpoint=dcp run: RUN) or an export (.safetensors)")
     p.add_argument("--config", help="recipe YAML of the encoder (with --init or --random-init)")
     p.add_argument("--init", help="weights file to transfer (with --config)")
     p.add_argument("--random-init", action="store_true", help="same architecture, untrained weights")
@@ -75,7 +75,7 @@ def _add_dense_args(p, data_help: str, recipe_example: str, out_default: str) ->
 
 
 def _add_probe_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--ckpt", help="RUN/last.pt or an export (FILE.safetensors)")
+    p.add_argument("--ckpt", help="RUN/last.pt (a train.checkpoint=dcp run: RUN) or an export (FILE.safetensors)")
     p.add_argument("--config", help="recipe, with --init or --random-init")
     p.add_argument("--init", help="weights file (official MAE/SimMIM release or mimkit run) to probe")
     p.add_argument("--random-init", action="store_true", help="same architecture, untrained weights")

@@ -32,11 +32,11 @@ def load_entry(spec: str, seed: int = 0) -> Entry:
     from mimkit.export import method_from_checkpoint
     random = spec.startswith("random:")
     path = Path(spec[len("random:"):] if random else spec)
-    path = path / "last.pt" if path.is_dir() else path
+    path = path / "last.pt" if (path / "last.pt").is_file() else path     # a dcp run: the directory itself
     obj = load_checkpoint(path)
     method, cfg = method_from_checkpoint(obj, seed if random else None)
     label = f"random init ({cfg.method['name']} {cfg.model.arch}-{cfg.model.size})" if random else \
-        f"{cfg.method['name']} {path.parent.name} (step {obj['step']})"
+        f"{cfg.method['name']} {(path.parent if path.is_file() else path).name} (step {obj['step']})"
     return Entry(label, method.eval(), cfg, obj["data_stats"]["mean"], obj["data_stats"]["std"])
 
 
