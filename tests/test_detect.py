@@ -286,9 +286,9 @@ def test_resume_reproduces_the_uninterrupted_losses(canvases, tmp_path):
         run(tmp_path / "a")
 
 
-def test_the_vit_b_coco_recipe_runs_two_iterations_on_1024_px_input(tmp_path):
+def test_the_vit_b_coco_recipe_runs_an_iteration_on_1024_px_input(tmp_path):
     """CAE's 1x recipe as shipped (multi-scale resize, 4conv1fc head, layer decay) at batch 1 on one synthetic
-    1024x1024 image with two objects; stopped after two iterations, as a crash would (no evaluation)."""
+    1024x1024 image with two objects; stopped after one iteration, as a crash would (no evaluation)."""
     rng = np.random.default_rng(0)
     (tmp_path / "c" / "train").mkdir(parents=True)
     (tmp_path / "c" / "annotations").mkdir()
@@ -303,9 +303,9 @@ def test_the_vit_b_coco_recipe_runs_two_iterations_on_1024_px_input(tmp_path):
     train = CocoDetection(tmp_path / "c", "train")
     model, cfg = vit_detector(RECIPES / "maskrcnn_vit-b16_coco-1x.yaml", batch_size=1, num_workers=0, log_every=1)
     assert sum(p.numel() for p in model.backbone.body.encoder.parameters()) == 85_798_656
-    train_detector(model, train, train, cfg, tmp_path / "run", stop_after=2, quiet=True)
+    train_detector(model, train, train, cfg, tmp_path / "run", stop_after=1, quiet=True)
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [1, 2] and all(np.isfinite(r["loss"]) for r in rows)
+    assert [r["step"] for r in rows] == [1] and np.isfinite(rows[0]["loss"])
     assert rows[0]["lr"] == pytest.approx(3e-4 * 0.001)                  # the warm-up's first step
     assert (tmp_path / "run" / "last.pt").is_file()
 
