@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -59,6 +60,26 @@ def _pretrain_argv(out, steps, world, *extra):
                        f"data.batch_size={32 // world}"]
 
 
+def _kill_tree(pid: int) -> None:
+    """SIGKILL a process and all its descendants at once (read from /proc), as a node lost to preemption."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    tree, todo = [], [pid]
+    while todo:
+        tree.append(todo.pop())
+        todo += children.get(tree[-1], [])
+    for member in tree:
+        try:
+            os.kill(member, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 def _finished(argv):
     done = subprocess.run(argv, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -100,7 +121,7 @@ def test_a_run_is_the_same_run_at_world_1_and_2_under_ddp_and_fsdp_and_across_a_
         if len(rows) >= 7:
             break
         time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
+    _kill_tree(proc.pid)                                   # torchrun and its workers (each in its own session)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the world-2 run ended before it could be killed"
     saved = load_checkpoint(killed)
@@ -110,8 +131,10 @@ def test_a_run_is_the_same_run_at_world_1_and_2_under_ddp_and_fsdp_and_across_a_
     assert (killed / "samples" / "step-0000005.png").is_file()
     first = json.loads((killed / "metrics.jsonl").read_text().splitlines()[0])
     assert first["epoch"] == round(1 / (2048 // 2 // 16), 4)                         # global batch 32 = 2 ranks x 16
+    time.sleep(1)
+    assert load_checkpoint(killed)["step"] == 5                                   # no worker went on after the kill
     resumed = _finished(_pretrain_argv(killed, 10, 1, "--resume", "--device", "cpu"))
-    assert "resuming" in resumed.stdout and "global batch 32" in resumed.stdout
+    assert "from step 5" in resumed.stdout and "global batch 32" in resumed.stdout
     _same_run(*_losses_and_weights(killed), ref_losses, ref)
 
     grown = tmp_path / "grown"           # the world-1 run's step-5 checkpoint, continued at world 2 under ddp
