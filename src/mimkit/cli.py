@@ -103,8 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=at_least(1), help="total optimiser steps (overrides train.epochs)")
     p.add_argument("--ckpt-every", type=at_least(1), help="write RUN/last.pt every N steps")
     p.add_argument("--seed", type=at_least(0))
-    p.add_argument("--online-probe", choices=["knn", "linear", "knn,linear"],
-                   help="probe the encoder every train.probe_every steps (k-NN; linear: a quick probe too)")
+    p.add_argument("--online-probe", metavar="KINDS",
+                   help="probe the encoder every train.probe_every steps: knn, linear (a quick probe), rankme (no "
+                        "labels: RankMe and feature spread), comma-separated")
     p.add_argument("--probe-data", help="labelled data for the online probe (default: --data)")
     p.add_argument("--resume", action="store_true", help="continue from RUN/last.pt")
     p.add_argument("--init", help="initial weights: official MAE/SimMIM release or a mimkit run")

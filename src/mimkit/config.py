@@ -107,7 +107,7 @@ class TrainConfig:
     keep_every: int = 0                     # RUN/checkpoint-STEP.pt every N steps; 0 = none (last.pt only)
     sample_every: int = 500                 # RUN/samples/step-STEP.png; 0 = never
     nan_patience: int = 20                  # stop after this many non-finite steps in a row
-    online_probe: str | None = None         # knn | linear | knn,linear: probe the encoder while pre-training
+    online_probe: str | None = None         # knn | linear | rankme (no labels), comma-separated: probe while training
     probe_every: int = 1000                 # steps between online probes (and one before the first step)
     probe_train: int = 2000                 # labelled train images the probe fits on (a fixed, seeded subset)
     probe_test: int = 1000                  # test images it is measured on
@@ -367,8 +367,8 @@ def validate_values(cfg: Config) -> None:
     _check(isinstance(t.activation_checkpointing, bool) or t.activation_checkpointing >= 1,
            "train.activation_checkpointing", t.activation_checkpointing, "true, false or a number of blocks (1 or more)")
     probes = [p.strip() for p in (t.online_probe or "").split(",") if p.strip()]
-    _check(all(p in ("knn", "linear") for p in probes) and len(set(probes)) == len(probes), "train.online_probe",
-           t.online_probe, "knn, linear, knn,linear or null (off)")
+    _check(all(p in ("knn", "linear", "rankme") for p in probes) and len(set(probes)) == len(probes),
+           "train.online_probe", t.online_probe, "knn, linear and/or rankme, comma-separated, or null (off)")
     _check(t.probe_every >= 1, "train.probe_every", t.probe_every, "at least 1")
     _check(t.probe_train >= 10 and t.probe_test >= 10, "train.probe_train / probe_test",
            (t.probe_train, t.probe_test), "10 images or more each")

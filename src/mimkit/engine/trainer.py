@@ -513,10 +513,13 @@ class Trainer:
             encoder = self.probe_encoder
         row = self.probe(encoder)
         self.method.train()
+        if self.probe.warning:                  # said even when quiet: a collapse wastes the rest of the run
+            print(f"step {step}: {self.probe.warning}", file=sys.stderr, flush=True)
         if not self.quiet:
-            shown = ", ".join(f"{k.split('/')[1].replace('_top1', '')} {v:.2f}%" for k, v in row.items()
-                              if k.endswith("top1"))
-            print(f"online probe at step {step}: {shown} ({row['probe/seconds']:.1f} s)", flush=True)
+            shown = [f"{k.split('/')[1].replace('_top1', '')} {v:.2f}%" for k, v in row.items() if k.endswith("top1")]
+            if "probe/rankme" in row:
+                shown.append(f"rankme {row['probe/rankme']:.1f}, spread {row['probe/feature_spread']:.2f}")
+            print(f"online probe at step {step}: {', '.join(shown)} ({row['probe/seconds']:.1f} s)", flush=True)
         return row
 
     def _log_row(self, step: int, running: dict, counts: dict) -> dict:
