@@ -107,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="probe the encoder every train.probe_every steps: knn, linear (a quick probe), rankme (no "
                         "labels: RankMe and feature spread), comma-separated")
     p.add_argument("--probe-data", help="labelled data for the online probe (default: --data)")
+    p.add_argument("--val-data", help="held-out images for the validation loss (or data.val_split=SHARE of --data)")
     p.add_argument("--resume", action="store_true", help="continue from RUN/last.pt")
     p.add_argument("--init", help="initial weights: official MAE/SimMIM release or a mimkit run")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
@@ -216,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     tt.add_argument("--resume", action="store_true")
     tt.add_argument("--device", default=None)
     tt.add_argument("overrides", nargs="*", help="key=value config overrides")
-    tt.set_defaults(init=None, online_probe=None, probe_data=None)   # pretrain's options a tokenizer run has not
+    tt.set_defaults(init=None, online_probe=None, probe_data=None, val_data=None)   # pretrain's options a tokenizer run has not
     te = tsub.add_parser("eval", help="reconstruction PSNR/SSIM, codebook usage and perplexity (one JSON line)")
     te.add_argument("--tokenizer", required=True, help="RUN, RUN/last.pt or T.safetensors")
     te.add_argument("--data", default="fashion-mnist")
@@ -303,6 +304,8 @@ def cmd_pretrain(args) -> None:
         extra.append(f"train.online_probe={args.online_probe}")
     if args.probe_data:
         extra.append(f"train.probe_data={args.probe_data}")
+    if getattr(args, "val_data", None):
+        extra.append(f"data.val_spec={args.val_data}")
     cfg = load_config(config, extra)
     trainer = Trainer(cfg, args.out, resume=args.resume, init=args.init, device=args.device)
     start = time.time()

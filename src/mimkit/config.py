@@ -40,6 +40,8 @@ class DataConfig:
     spec: str = "fashion-mnist"             # fashion-mnist | idx:DIR | folder:DIR
     channels: int | None = None             # folders: convert every image to this many channels (None: majority)
     batch_size: int = 64                    # per device and micro-step
+    val_split: float = 0.0                  # share of the training images held out (seeded; never trained on)
+    val_spec: str | None = None             # held-out images from another spec instead (--val-data)
     num_workers: int = 2
     crop_scale: list = field(default_factory=lambda: [0.2, 1.0])   # RandomResizedCrop scale (MAE: 0.2-1)
     crop_ratio: list = field(default_factory=lambda: [3 / 4, 4 / 3])
@@ -106,6 +108,9 @@ class TrainConfig:
     async_checkpoint: bool = False          # dcp: write while training goes on (dcp.async_save)
     keep_every: int = 0                     # RUN/checkpoint-STEP.pt every N steps; 0 = none (last.pt only)
     sample_every: int = 500                 # RUN/samples/step-STEP.png; 0 = never
+    val_every: int = 500                    # held-out loss every N steps (with data.val_split or data.val_spec); 0 = never
+    val_limit: int = 1000                   # held-out images the loss is measured on (a fixed subset)
+    keep_best: str | None = None            # val/loss (or another logged val/ name): RUN/best.pt at its lowest
     nan_patience: int = 20                  # stop after this many non-finite steps in a row
     online_probe: str | None = None         # knn | linear | rankme (no labels), comma-separated: probe while training
     probe_every: int = 1000                 # steps between online probes (and one before the first step)
@@ -307,6 +312,8 @@ def validate_values(cfg: Config) -> None:
         cfg.tokenizer.input_size = list(size)
     _check(d.channels is None or d.channels >= 1, "data.channels", d.channels, "a positive integer or null")
     _check(d.batch_size >= 1, "data.batch_size", d.batch_size, "at least 1")
+    _check(0 <= d.val_split < 0.5, "data.val_split", d.val_split, "in [0, 0.5): a share of the training images")
+    _check(not (d.val_split and d.val_spec), "data.val_split", d.val_split, "0 when data.val_spec (--val-data) is given")
     _check(d.num_workers >= 0, "data.num_workers", d.num_workers, "0 or more")
     _check(len(d.crop_scale) == 2 and 0 < d.crop_scale[0] <= d.crop_scale[1] <= 1, "data.crop_scale", d.crop_scale,
            "[low, high] with 0 < low <= high <= 1")
@@ -359,6 +366,11 @@ def validate_values(cfg: Config) -> None:
     _check(t.keep_every >= 0, "train.keep_every", t.keep_every, "0 (none: last.pt only) or more")
     _check(t.sample_every >= 0, "train.sample_every", t.sample_every, "0 (never) or more")
     _check(t.nan_patience >= 1, "train.nan_patience", t.nan_patience, "at least 1")
+    _check(t.val_every >= 0, "train.val_every", t.val_every, "0 (never) or more")
+    _check(t.val_limit >= 1, "train.val_limit", t.val_limit, "at least 1")
+    _check(t.keep_best is None or (str(t.keep_best).startswith("val/") and (d.val_split or d.val_spec) and t.val_every),
+           "train.keep_best", t.keep_best, "a logged val/ name (val/loss), with held-out images (data.val_split or "
+           "--val-data) and train.val_every > 0")
     _check(t.parallel in ("ddp", "fsdp"), "train.parallel", t.parallel, "ddp or fsdp")
     _check(t.randomness in ("keyed", "stream"), "train.randomness", t.randomness, "keyed or stream")
     _check(t.checkpoint in ("whole", "dcp"), "train.checkpoint", t.checkpoint, "whole or dcp")

@@ -138,9 +138,11 @@ def _fit(draw: ImageDraw.ImageDraw, text: str, font, width: int) -> str:
 
 
 def save_loss_curves(rows: list[dict], path: Path, title: str = "") -> Path | None:
-    """One panel per loss (and accuracy) in metrics.jsonl rows, against the step; None when nothing was logged."""
-    keys = [k for k in rows[-1] if k.startswith(("loss", "acc_", "probe_"))] if rows else []
-    keys = [k for k in keys if sum(isinstance(r.get(k), (int, float)) for r in rows) >= 2][:8]
+    """One panel per loss (and accuracy) in metrics.jsonl rows, against the step, with the held-out value
+    (`val/NAME` rows) drawn beside the training curve where logged; None when nothing was logged."""
+    train_rows = [r for r in rows if "loss" in r]
+    keys = [k for k in train_rows[-1] if k.startswith(("loss", "acc_", "probe_"))] if train_rows else []
+    keys = [k for k in keys if sum(isinstance(r.get(k), (int, float)) for r in train_rows) >= 2][:8]
     if not keys:
         return None
     import matplotlib
@@ -150,8 +152,12 @@ def save_loss_curves(rows: list[dict], path: Path, title: str = "") -> Path | No
     fig = Figure(figsize=(3.2 * cols, 2.6 * -(-len(keys) // cols)), layout="constrained")
     for i, key in enumerate(keys):
         ax = fig.add_subplot(-(-len(keys) // cols), cols, i + 1)
-        points = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
-        ax.plot(*zip(*points), linewidth=1.2)
+        points = [(r["step"], r[key]) for r in train_rows if isinstance(r.get(key), (int, float))]
+        ax.plot(*zip(*points), linewidth=1.2, label="train")
+        held_out = [(r["step"], r[f"val/{key}"]) for r in rows if isinstance(r.get(f"val/{key}"), (int, float))]
+        if held_out:
+            ax.plot(*zip(*held_out), linewidth=1.2, marker="o", markersize=3, label="held-out")
+            ax.legend(fontsize=7)
         ax.set_title(key, fontsize=9)
         ax.set_xlabel("step", fontsize=8)
         ax.tick_params(labelsize=7)

@@ -84,6 +84,7 @@ class Trainer:
         if isinstance(self.dataset, ShardStream):
             self.dataset.shuffle_buffer = cfg.data.shuffle_buffer
         self.in_chans = self.dataset.channels
+        self._hold_out(cfg)
         mean = cfg.data.mean or self.dataset.mean
         std = cfg.data.std or self.dataset.std
         if len(mean) != self.in_chans or len(std) != self.in_chans:
@@ -146,7 +147,7 @@ class Trainer:
         self.micro_per_epoch = self._micro_per_epoch()
         self.steps_per_epoch = self.micro_per_epoch // t.accum_steps
         if self.steps_per_epoch == 0:
-            raise ValueError(f"the dataset has {len(self.dataset)} images, fewer than one global batch of "
+            raise ValueError(f"the dataset has {self.train_count} training images, fewer than one global batch of "
                              f"{self.global_batch}; lower data.batch_size or add images")
         recipe_steps = math.ceil(t.epochs * self.steps_per_epoch)
         self.total_steps = t.steps or recipe_steps
@@ -196,6 +197,7 @@ class Trainer:
         self.skipped_images = 0
         self.train_seconds = 0.0          # wall time of the training steps, summed over resumes
         self.start_step = 0
+        self.best = None                  # {"metric", "value", "step"} of RUN/best.pt (train.keep_best)
         self._restored_rng = None
         if self.dist.is_main and self.out.is_dir():  # a save cut short by a crash leaves only its temporary file
             for stale in self.out.glob(".*.pt.tmp*"):
@@ -246,13 +248,83 @@ class Trainer:
         return CosineLRScheduler(optimizer, t_initial=max(length - warmup, 1), lr_min=o.min_lr,
                                  warmup_t=warmup, warmup_lr_init=0.0, warmup_prefix=True, t_in_epochs=False)
 
+    # ------------------------------------------------------------------ held-out images
+    VAL_EPOCH = 2 ** 31 - 1     # the keyed draws' epoch for held-out images: their masks never change
+
+    def _hold_out(self, cfg: Config) -> None:
+        """data.val_split: a seeded share of the training images held out (the sampler never deals them), or
+        data.val_spec: another data set; `val_indices` are the (at most train.val_limit) images measured."""
+        d, t = cfg.data, cfg.train
+        self.train_indices, self.val_data, self.val_indices = None, None, None
+        self.train_count = len(self.dataset)
+        if d.val_split:
+            if isinstance(self.dataset, ShardStream):
+                raise ValueError("data.val_split holds out images of a folder or IDX data set; a shard stream has no "
+                                 "random access: give the held-out images with --val-data SPEC")
+            n = len(self.dataset)
+            held = round(n * d.val_split)
+            if held < 1:
+                raise ValueError(f"data.val_split={d.val_split} holds out no image of {n}; raise it")
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(t.seed * 1_000_003 + 777))
+            self.train_indices = order[held:].sort().values
+            self.train_count = len(self.train_indices)
+            self.val_data, self.val_indices = self.dataset, order[:min(held, t.val_limit)].sort().values
+        elif d.val_spec:
+            self.val_data = build_dataset(d.val_spec, "train", channels=d.channels)
+            if self.val_data.channels != self.in_chans:
+                raise ValueError(f"the held-out data ({d.val_spec}) has {self.val_data.channels}-channel images, the "
+                                 f"training data {self.in_chans}; give held-out images of the same kind")
+            order = torch.randperm(len(self.val_data), generator=torch.Generator().manual_seed(t.seed + 777))
+            self.val_indices = order[:t.val_limit].sort().values
+        if self.val_data is not None:
+            self._print(f"held out: {len(self.val_indices)} images measured every {t.val_every} steps"
+                        + (f" ({self.train_count} of {len(self.dataset)} trained on)" if d.val_split else ""))
+
+    def validate(self, step: int) -> dict:
+        """The method's own loss and its parts on the held-out images, with masks, noise and sampling fixed per image
+        (keyed by the image), in eval mode (no drop path); buffers a forward updates (ADA's statistics, running
+        means) are put back, so training goes on as without it. Every rank computes it (fsdp needs them all)."""
+        was_training = self.method.training
+        self.method.eval()
+        buffers = {name: b.clone() for name, b in self.method.named_buffers()}
+        transform = EvalTransform(self.cfg.model.img_size)
+        epoch, batch = self.schedule_epoch(step), self.cfg.data.batch_size
+        sums: dict[str, torch.Tensor] = {}
+        for start in range(0, len(self.val_indices), batch):
+            index = self.val_indices[start:start + batch]
+            x = self._normalise(torch.stack([transform(self.val_data[int(i)][0]) for i in index]))
+            carry = {"step": step, "epoch": epoch, "total_steps": self.total_steps, "last_micro": True}
+            total = torch.zeros((), device=self.device)
+            for stage in self.method.schedule(step, epoch, self.total_steps):
+                prefix = f"{stage.name}/" if self.multi_stage else ""
+                keys = draws.sample_keys(self.cfg.train.seed, self.VAL_EPOCH, index.to(self.device), f"val/{stage.name}")
+                with draws.keyed(keys), self.autocast():
+                    out = self.method(x, stage=stage.name, carry=carry)
+                total += out["loss"].detach().float()
+                named = {**out["parts"], **({"loss": out["loss"]} if self.multi_stage else {})}
+                for name, value in named.items():
+                    sums[prefix + name] = sums.get(prefix + name, 0) + value.detach().float() * len(index)
+            sums["loss"] = sums.get("loss", 0) + total * len(index)
+        for name, b in self.method.named_buffers():
+            b.copy_(buffers[name])
+        self.method.train(was_training)
+        names = list(sums)
+        values = (torch.stack([sums[n] for n in names]) / len(self.val_indices)).tolist()
+        row = dict(zip(names, values))
+        headline = self.method.val_headline(row)
+        if headline:
+            row["loss_sum_of_stages"] = row["loss"]
+            row.update(headline)
+            row["loss"] = next(iter(headline.values()))
+        return {"step": step, **{f"val/{name}": value for name, value in row.items()}}
+
     # ------------------------------------------------------------------ data
     def _micro_per_epoch(self) -> int:
         d = self.cfg.data
         if isinstance(self.dataset, ShardStream):     # whole batches of every worker, the same on every rank
             return self.dataset.batches_per_worker(self.dist.world_size, d.num_workers, d.batch_size) * \
                 max(d.num_workers, 1)
-        return len(self.dataset) // self.dist.world_size // d.batch_size
+        return self.train_count // self.dist.world_size // d.batch_size
 
     def _shard_batches(self, epoch: int, offset: int, transform):
         """One epoch of a streamed pack from batch `offset` on (see data/shards.py for the order)."""
@@ -283,7 +355,8 @@ class Trainer:
         dataset = kind(self.dataset, transform)
         while True:
             sampler = ResumableSampler(len(self.dataset), cfg.train.seed, epoch, self.dist.rank,
-                                       self.dist.world_size, skip=offset * cfg.data.batch_size)
+                                       self.dist.world_size, skip=offset * cfg.data.batch_size,
+                                       indices=self.train_indices)
             loader = DataLoader(dataset, batch_size=cfg.data.batch_size, sampler=sampler,
                                 collate_fn=encoded_collate if encoded else pad_collate if batched else None,
                                 num_workers=cfg.data.num_workers, drop_last=True,
@@ -310,7 +383,10 @@ class Trainer:
         return (x - self.mean) / self.std
 
     def _fixed_sample_batch(self) -> torch.Tensor:
+        """The images of the reconstruction grids: 8 held-out ones where there are, else spread over the data."""
         transform = EvalTransform(self.cfg.model.img_size)
+        if self.val_data is not None:
+            return self._normalise(torch.stack([transform(self.val_data[int(i)][0]) for i in self.val_indices[:8]]))
         count = min(8, len(self.dataset))
         if isinstance(self.dataset, ShardStream):
             return self._normalise(torch.stack([transform(x) for x in self.dataset.head(count)]))
@@ -389,6 +465,17 @@ class Trainer:
                     if log is not None:
                         log.image("reconstruction", grid, step_done)
                     self.save_loss_curves()
+            if self.val_data is not None and t.val_every and (step_done % t.val_every == 0
+                                                              or step_done == self.total_steps):
+                val_row = self.validate(step_done)
+                if log is not None:
+                    log.write(val_row)
+                    if not self.quiet:
+                        print(f"held-out at step {step_done}: loss {val_row['val/loss']:.4f}", flush=True)
+                value = val_row.get(t.keep_best) if t.keep_best else None
+                if value is not None and (self.best is None or value < self.best["value"]):
+                    self.best = {"metric": t.keep_best, "value": value, "step": step_done}
+                    self._save(step_done, self.out / "best.pt", whole=True)
             if step_done % t.ckpt_every == 0 or step_done == self.total_steps:
                 self._save(step_done)
             if t.keep_every and step_done % t.keep_every == 0:
@@ -513,7 +600,9 @@ class Trainer:
             encoder = self.probe_encoder
         row = self.probe(encoder)
         self.method.train()
-        if self.probe.warning:                  # said even when quiet: a collapse wastes the rest of the run
+        # said even when quiet (a collapse wastes the rest of the run), but not in the warm-up, whose high-lr steps
+        # pass through low-rank features (eval/rankme.py has the numbers)
+        if self.probe.warning and step > self.warmup_steps:
             print(f"step {step}: {self.probe.warning}", file=sys.stderr, flush=True)
         if not self.quiet:
             shown = [f"{k.split('/')[1].replace('_top1', '')} {v:.2f}%" for k, v in row.items() if k.endswith("top1")]
@@ -567,8 +656,7 @@ class Trainer:
 
     def save_loss_curves(self) -> Path | None:
         """RUN/loss-curves.png from metrics.jsonl (the whole run, resumed sessions included)."""
-        rows = [row for row in read_metrics(self.out) if "loss" in row]
-        return save_loss_curves(rows, self.out / "loss-curves.png", self.picture_title)
+        return save_loss_curves(read_metrics(self.out), self.out / "loss-curves.png", self.picture_title)
 
     @property
     def picture_title(self) -> str:
@@ -581,9 +669,9 @@ class Trainer:
             state["cuda"] = torch.cuda.get_rng_state(self.device)
         return state
 
-    def _save(self, step: int, path: Path | None = None) -> None:
+    def _save(self, step: int, path: Path | None = None, whole: bool = False) -> None:
         """RUN/last.pt (or `path`), whole; under train.checkpoint=dcp a sharded step directory instead (every rank
-        writes its shards; `path`, a keep_every copy, is then the step directory kept)."""
+        writes its shards; `path`, a keep_every copy, is then the step directory kept), unless `whole` (best.pt)."""
         rng = D.gather_objects(self._rng_state())  # every rank's RNG, so a resumed world reproduces the run
         payload = {
             "format": "mimkit-run", "version": mimkit.__version__, "step": step, "config": self.cfg.to_dict(),
@@ -594,8 +682,9 @@ class Trainer:
             "rng": rng, "world_size": self.dist.world_size,
             "counters": {"nonfinite_total": float(self.nonfinite_total), "skipped_images": self.skipped_images,
                          "train_seconds": self.train_seconds},
+            "best": self.best,
         }
-        if self.checkpointer is not None:
+        if self.checkpointer is not None and not whole:
             if path is None:
                 self.checkpointer.save(step, payload, self.method, self.optimizers, tuple(self.method.frozen_parts))
             return
@@ -627,6 +716,7 @@ class Trainer:
         self.nonfinite_total.fill_(ckpt["counters"]["nonfinite_total"])
         self.skipped_images = int(ckpt["counters"]["skipped_images"])
         self.train_seconds = float(ckpt["counters"].get("train_seconds", 0.0))
+        self.best = ckpt.get("best")
         self._print(f"resuming {self.out} from step {self.start_step}" + (f" ({path.name})" if path.name != "last.pt" else ""))
 
     def _print(self, message: str) -> None:

@@ -73,7 +73,7 @@ class OnlineProbe:
             if "rankme" in self.kinds:
                 row["probe/rankme"] = rankme(feats[1])
                 row["probe/feature_spread"] = feature_spread(feats[1])
-                self.warning = collapse_warning(row["probe/rankme"], row["probe/feature_spread"], tuple(feats[1].shape))
+                self.warning = collapse_warning(feats[1])
             if "knn" in self.kinds:
                 row["probe/knn_top1"] = knn_top1(feats[0], self.train_labels, feats[1], self.test_labels)
             if "linear" in self.kinds:

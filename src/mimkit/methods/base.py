@@ -84,6 +84,12 @@ class Method(nn.Module):
         whose stages pull against each other (GAN-MAE: L_adv ~ -L_disc) the sum reads like nothing."""
         return {}
 
+    def val_headline(self, row: dict) -> dict[str, float]:
+        """What `val/loss` is on held-out images (Trainer.validate): the parts comparable from step to step. Default:
+        `headline`'s, else the sum of the stages' losses; a method whose loss holds an adversarial term against a
+        critic that keeps changing names its reconstruction part instead."""
+        return self.headline(row)
+
     def declared_terms(self) -> set[str]:
         """The stages and scheduled loss terms this method declares; the engine warns once about any that no step of a
         run reaches (e.g. a perceptual term on even epochs in a run shorter than two). Default: the stages."""

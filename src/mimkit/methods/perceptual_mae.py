@@ -459,6 +459,13 @@ class PerceptualMAE(Method):
         """Lazy regularisation (StyleGAN2): on steps 0, interval, 2 interval, ..."""
         return carry.get("step", 0) % interval == 0
 
+    def val_headline(self, row: dict) -> dict[str, float]:
+        """Held-out `val/loss` = the pixel loss (MSE, L1, MS-SSIM parts): the adversarial, feature and style terms
+        move with the critic."""
+        prefix = "generator/" if len(self.stages) > 1 else ""
+        pixel = [row[prefix + name] for name in ("loss_mse", "loss_l1", "loss_msssim") if prefix + name in row]
+        return {"loss_pixels": sum(pixel)} if pixel else {}
+
     # ------------------------------------------------------------------ stages
     def forward(self, images: torch.Tensor, stage: str = "generator", carry: dict | None = None) -> dict:
         carry = carry if carry is not None else {}

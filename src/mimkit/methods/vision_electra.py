@@ -161,6 +161,10 @@ class VisionElectra(Method):
         return pred, unpatchify(mixed, self.patch_size, self.grid, self.in_chans)
 
     # ------------------------------------------------------------------ losses
+    def val_headline(self, row: dict) -> dict[str, float]:
+        """Held-out `val/loss` = Eq. 1's reconstruction loss (the adversarial and D terms move with D)."""
+        return {"loss_img": row["loss_img"]}
+
     def forward(self, images: torch.Tensor, stage: str = "joint", carry: dict | None = None) -> dict:
         o = self.opts
         b = images.shape[0]
