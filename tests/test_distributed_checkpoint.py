@@ -92,3 +92,17 @@ def test_a_dcp_index_holding_anything_but_its_own_metadata_is_not_unpickled(tmp_
     (tmp_path / "latest").write_text("checkpoints/step-0000009\n")
     with pytest.raises(CheckpointError, match="which holds no complete checkpoint"):
         load_checkpoint(tmp_path)
+
+
+def test_under_dcp_best_is_a_step_directory_pointed_at_like_latest(fmnist_small, tmp_path):
+    cfg = tiny_config(fmnist_small, "mae", DCP + ["data.val_split=0.1", "train.val_every=2", "train.val_limit=64",
+                                                  "train.keep_best=val/loss", "optim.base_lr=0.05", "train.steps=8"])
+    Trainer(cfg, tmp_path / "run").train()
+    run = tmp_path / "run"
+    rows = [r for r in metrics_rows(run) if "val/loss" in r]
+    lowest = min(rows, key=lambda r: r["val/loss"])["step"]
+    assert (run / "best").read_text().strip() == f"checkpoints/step-{lowest:07d}" and not (run / "best.pt").exists()
+    best = load_checkpoint(run / "best")
+    assert best["step"] == lowest and best["best"]["value"] == pytest.approx(min(r["val/loss"] for r in rows))
+    kept = {f"step-{lowest:07d}", "step-0000008"}
+    assert {p.name for p in (run / "checkpoints").iterdir()} == kept        # every other step directory removed

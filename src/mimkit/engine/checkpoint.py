@@ -57,8 +57,8 @@ def load_checkpoint(path: str | Path) -> dict:
     the official MAE/SimMIM training checkpoints); `.safetensors` files as their state dict; a DCP run (RUN, or one
     of its step directories) as its plain state with the whole weights under "model"."""
     path = Path(path)
-    if path.name == DCP_POINTER and path.is_file():   # RUN/latest
-        path = path.parent
+    if path.name in (DCP_POINTER, DCP_BEST) and path.is_file():   # RUN/latest, RUN/best: the directory named
+        path = latest_dcp_dir(path.parent, path.name)
     if is_dcp_checkpoint(path):                       # a run saved with train.checkpoint=dcp: RUN or a step directory
         return load_dcp_whole(path)
     if not path.is_file():
@@ -159,11 +159,12 @@ def state_dict_of(obj: dict) -> dict:
 # ------------------------------------------------------------------ reading DCP checkpoints (train.checkpoint=dcp)
 DCP_POINTER = "latest"      # RUN/latest: the newest complete DCP step directory (engine/distributed_checkpoint.py)
 DCP_META = "meta.pt"
+DCP_BEST = "best"           # RUN/best: the step directory of train.keep_best's lowest value
 
 
-def latest_dcp_dir(run: Path) -> Path | None:
-    """The step directory RUN/latest points at, None when the run has none."""
-    pointer = run / DCP_POINTER
+def latest_dcp_dir(run: Path, name: str = DCP_POINTER) -> Path | None:
+    """The step directory RUN/latest (or RUN/best) points at, None when the run has none."""
+    pointer = run / name
     if not pointer.is_file():
         return None
     target = run / pointer.read_text().strip()

@@ -475,7 +475,7 @@ class Trainer:
                 value = val_row.get(t.keep_best) if t.keep_best else None
                 if value is not None and (self.best is None or value < self.best["value"]):
                     self.best = {"metric": t.keep_best, "value": value, "step": step_done}
-                    self._save(step_done, self.out / "best.pt", whole=True)
+                    self._save(step_done, best=True)
             if step_done % t.ckpt_every == 0 or step_done == self.total_steps:
                 self._save(step_done)
             if t.keep_every and step_done % t.keep_every == 0:
@@ -669,9 +669,10 @@ class Trainer:
             state["cuda"] = torch.cuda.get_rng_state(self.device)
         return state
 
-    def _save(self, step: int, path: Path | None = None, whole: bool = False) -> None:
-        """RUN/last.pt (or `path`), whole; under train.checkpoint=dcp a sharded step directory instead (every rank
-        writes its shards; `path`, a keep_every copy, is then the step directory kept), unless `whole` (best.pt)."""
+    def _save(self, step: int, path: Path | None = None, best: bool = False) -> None:
+        """RUN/last.pt (or `path`; `best`: RUN/best.pt), whole; under train.checkpoint=dcp a sharded step directory
+        instead (every rank writes its shards; `path`, a keep_every copy, is then the step directory kept; `best`
+        moves RUN/best to it)."""
         rng = D.gather_objects(self._rng_state())  # every rank's RNG, so a resumed world reproduces the run
         payload = {
             "format": "mimkit-run", "version": mimkit.__version__, "step": step, "config": self.cfg.to_dict(),
@@ -684,10 +685,12 @@ class Trainer:
                          "train_seconds": self.train_seconds},
             "best": self.best,
         }
-        if self.checkpointer is not None and not whole:
-            if path is None:
-                self.checkpointer.save(step, payload, self.method, self.optimizers, tuple(self.method.frozen_parts))
+        if self.checkpointer is not None:
+            if path is None or best:
+                self.checkpointer.save(step, payload, self.method, self.optimizers, tuple(self.method.frozen_parts),
+                                       best=best)
             return
+        path = self.out / "best.pt" if best else path
         if self.sharded or self.dist.is_main:      # sharded: gathered whole on every rank (collectives)
             model, optimizers = full_state(self.method, self.optimizers)
             kept = self.method.trainable_state_dict().keys()
