@@ -651,8 +651,8 @@ class Trainer:
         self.method.train(was_training)
         if not self.dist.is_main:       # under fsdp every rank computes the rows (its shards are needed), one writes
             return None
-        return save_rows_grid(rows, self.mean, self.std, path,
-                              title=f"{self.picture_title}, step {step}")
+        held_out = ", held-out images" if self.val_data is not None else ""
+        return save_rows_grid(rows, self.mean, self.std, path, title=f"{self.picture_title}, step {step}{held_out}")
 
     def save_loss_curves(self) -> Path | None:
         """RUN/loss-curves.png from metrics.jsonl (the whole run, resumed sessions included)."""
