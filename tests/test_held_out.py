@@ -54,3 +54,20 @@ def test_best_pt_is_the_lowest_val_loss_and_a_resume_keeps_tracking_it(fmnist_sm
         assert load_checkpoint(tmp_path / run / "last.pt")["best"]["step"] == lowest["step"]
     assert [r.get("val/loss") for r in metrics_rows(tmp_path / "cut")] == \
         pytest.approx([r.get("val/loss") for r in metrics_rows(tmp_path / "full")], abs=1e-5)
+
+
+def test_a_shard_stream_takes_its_held_out_images_from_val_data(tmp_path, capsys):
+    """A shard stream has no random access, so data.val_split is refused with the fix; --val-data gives held-out
+    images from elsewhere (by construction never in the stream) and the run logs val/loss."""
+    from mimkit.cli import main
+    from mimkit.data.shards import pack_shards
+    from tests.test_shards import image_folder
+    pack_shards(f"folder:{image_folder(tmp_path / 'train', 96)}", tmp_path / "shards", max_count=32)
+    held = image_folder(tmp_path / "held", 40, seed=1)
+    base = ["pretrain", "--config", "configs/mae_vit-mini_fmnist-tiny.yaml", "--data", f"shards:{tmp_path / 'shards'}",
+            "--steps", "2", "--device", "cpu", "model.size=pico", "data.batch_size=16", "data.num_workers=0",
+            "train.sample_every=0", "train.val_every=2", "train.val_limit=32"]
+    assert main(base + ["--out", str(tmp_path / "a"), "data.val_split=0.1"]) == 2
+    assert "a shard stream has no random access: give the held-out images with --val-data" in capsys.readouterr().err
+    assert main(base + ["--out", str(tmp_path / "b"), "--val-data", f"folder:{held}"]) == 0
+    assert [r["step"] for r in metrics_rows(tmp_path / "b") if "val/loss" in r] == [2]
