@@ -71,3 +71,12 @@ def test_a_shard_stream_takes_its_held_out_images_from_val_data(tmp_path, capsys
     assert "a shard stream has no random access: give the held-out images with --val-data" in capsys.readouterr().err
     assert main(base + ["--out", str(tmp_path / "b"), "--val-data", f"folder:{held}"]) == 0
     assert [r["step"] for r in metrics_rows(tmp_path / "b") if "val/loss" in r] == [2]
+
+
+def test_rankme_alone_measures_the_held_out_images(fmnist_small, tmp_path):
+    cfg = tiny_config(fmnist_small, "mae", VAL + ["train.online_probe=rankme", "train.probe_test=50"])
+    trainer = Trainer(cfg, tmp_path / "run")
+    assert trainer.probe.test.indices == trainer.val_indices[:50].tolist()
+    assert trainer.probe.describe() == "online probe: rankme on 50 images, no labels"
+    row = trainer.probe(trainer.method.encoder.model)
+    assert row["probe/rankme"] > 1 and row["probe/feature_spread"] > 0

@@ -215,8 +215,10 @@ class Trainer:
         self.probe = None
         if t.online_probe and self.dist.is_main:
             from mimkit.eval.online import OnlineProbe
+            held_out = None if self.val_data is None else \
+                torch.utils.data.Subset(self.val_data, self.val_indices[:t.probe_test].tolist())
             self.probe = OnlineProbe(cfg, self.in_chans, self.mean.flatten().tolist(), self.std.flatten().tolist(),
-                                     self.device)
+                                     self.device, held_out)
             self._print(f"{self.probe.describe()}, every {t.probe_every} steps")
 
     @staticmethod

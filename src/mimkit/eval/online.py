@@ -2,8 +2,8 @@
 subset, every `train.probe_every` steps, so representation quality is visible while a run goes (metrics.jsonl and
 TensorBoard: `probe/knn_top1`, `probe/linear_top1`, `probe/seconds`). `rankme` needs no labels: RankMe and the
 feature spread (eval/rankme.py) of the `train.probe_test` images (`probe/rankme`, `probe/feature_spread`), with a
-one-line warning when the features collapse; on data without a test split they are a fixed subset of its images
-(a held-out split, `data.val_split`, is issue 28's, not built yet).
+one-line warning when the features collapse: alone, on the run's held-out images (`data.val_split` / `--val-data`)
+where there are, else on the probe data's test split, else on a fixed subset of its images.
 
 The subsets are drawn once with their own seeds (`train.probe_train` train images, `train.probe_test` test images of
 `train.probe_data`, else the training data's spec); features are the encoder's pooled output on the resized, not
@@ -27,11 +27,16 @@ class OnlineProbe:
     LINEAR_EPOCHS, LINEAR_BATCH = 100, 256   # a quick probe: ~800 SGD steps on cached features, seconds on a CPU
     warning: str | None = None                # rankme's collapse warning of the last probe
 
-    def __init__(self, cfg, in_chans: int, mean: list[float], std: list[float], device: torch.device):
+    def __init__(self, cfg, in_chans: int, mean: list[float], std: list[float], device: torch.device,
+                 held_out=None):
         t = cfg.train
         spec = t.probe_data or cfg.data.spec
         self.kinds = [k.strip() for k in t.online_probe.split(",")]
         self.labelled = bool({"knn", "linear"} & set(self.kinds))
+        self.img_size, self.pool, self.mean, self.std, self.device = cfg.model.img_size, cfg.model.pool, mean, std, device
+        if not self.labelled and held_out is not None and not t.probe_data:   # rankme alone: the held-out images
+            self.train, self.test = None, held_out
+            return
         train = build_dataset(spec, "train", cfg.data.channels)
         try:
             test = build_dataset(spec, "test", cfg.data.channels)
@@ -55,7 +60,6 @@ class OnlineProbe:
         self.train, self.test = subset(train, t.probe_train, seed=0), subset(test, t.probe_test, seed=1)
         if self.labelled:
             self.train_labels, self.test_labels = labels_of(self.train), labels_of(self.test)
-        self.img_size, self.pool, self.mean, self.std, self.device = cfg.model.img_size, cfg.model.pool, mean, std, device
 
     def describe(self) -> str:
         if not self.labelled:
