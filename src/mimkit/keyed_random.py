@@ -26,8 +26,8 @@ _WORD = 0xFFFFFFFF
 _MULT = 0x45D9F3B
 
 
-def _mix(x: torch.Tensor) -> torch.Tensor:
-    """A bijective 32-bit hash of int64 words in [0, 2^32)."""
+def _mix(x):
+    """A bijective 32-bit hash of words in [0, 2^32): int64 tensors or Python ints."""
     x = ((x >> 16) ^ x) * _MULT & _WORD
     x = ((x >> 16) ^ x) * _MULT & _WORD
     return (x >> 16) ^ x
@@ -42,9 +42,9 @@ def _word(value: int) -> int:
 def sample_keys(seed: int, epoch: int, positions: torch.Tensor, salt: str = "") -> torch.Tensor:
     """Keys [B] (int64 words) of images at `positions` in an epoch's global order; `salt` (a stage name) gives a
     stage its own draws."""
-    base = _mix(torch.tensor(_word(seed) ^ _word(zlib.crc32(salt.encode())) ^ 0x9E3779B9, dtype=torch.int64))
-    base = _mix(base ^ _word(epoch * 0x9E3779B9))
-    return _mix(base.to(positions.device) ^ (positions.long() & _WORD))
+    # the run's part is hashed in Python ints (the same ops): no host-to-device copy per step
+    base = _mix(_mix(_word(seed) ^ _word(zlib.crc32(salt.encode())) ^ 0x9E3779B9) ^ _word(epoch * 0x9E3779B9))
+    return _mix((positions.long() & _WORD) ^ base)
 
 
 @dataclass

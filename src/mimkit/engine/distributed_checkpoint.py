@@ -60,7 +60,7 @@ class DistributedCheckpointer:
         import torch.distributed.checkpoint as dcp
         self.finish()
         directory = self.run / "checkpoints" / f"step-{step:07d}"
-        current = latest_dcp_dir(self.run) if (self.run / DCP_POINTER).is_file() else None
+        current = latest_dcp_dir(self.run)
         if current == directory:          # this step is already the complete latest (a stop right after a resume)
             if best:
                 self._point_best(directory)

@@ -339,7 +339,7 @@ class Trainer:
 
     def _micro_batches(self, start_micro: int):
         cfg = self.cfg
-        per_epoch = self._micro_per_epoch()
+        per_epoch = self.micro_per_epoch
         epoch, offset = divmod(start_micro, per_epoch)
         d = cfg.data
         transform = PretrainTransform(cfg.model.img_size, d.crop_scale, d.crop_ratio, d.hflip, d.interpolation)
